@@ -1,0 +1,1 @@
+"""One module per `kvlab` subcommand; see kvlab/cli.py."""

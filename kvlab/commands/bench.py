@@ -1,0 +1,21 @@
+"""`kvlab bench NAME`: benchmarks that report ratios against a baseline measured in the same run."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# Each benchmark module in kvlab/bench/ has `add_arguments(parser)` and `run(args) -> int`.
+BENCHMARKS = {
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="run a benchmark and print its table",
+                            description=__doc__)
+    names = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    names.required = True
+    for name, (module, summary) in BENCHMARKS.items():
+        bench = importlib.import_module(module)
+        p = names.add_parser(name, help=summary, description=bench.__doc__)
+        bench.add_arguments(p)
+        p.set_defaults(func=bench.run)
