@@ -1,0 +1,360 @@
+"""Commits and releases the physical memory behind logical pages, within a shared budget.
+
+A logical page (see layout.py) is mapped when a caller acquires it and becomes *idle* when released.
+Idle pages stay mapped for `reclaim_delay_s` so a burst that frees and re-allocates does not pay for
+unmap + map, and while the pool is active a few of them (`reserve_pages`) stay warm, mapped ahead by a
+background thread. The budget is checked before any memory is mapped.
+
+Backend calls (Region.map/unmap) take milliseconds, so they never run under the allocator's lock: state is
+reserved under the lock (MAPPING/UNMAPPING), the backend is called outside it, and the result is committed
+or rolled back under the lock again.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from kvcached.budget import BudgetRecord
+from kvcached.layout import KVLayout
+
+RECLAIM_DELAY_ENV = "KVCACHED_RECLAIM_DELAY_S"
+RESERVE_PAGES_ENV = "KVCACHED_RESERVE_PAGES"
+DEFAULT_RECLAIM_DELAY_S = 1.0
+DEFAULT_RESERVE_PAGES = 2
+
+UNMAPPED, MAPPING, IN_USE, IDLE, UNMAPPING, PREFETCHING = range(6)
+_STATE_NAMES = ("unmapped", "mapping", "in use", "idle", "unmapping", "prefetching")
+
+
+class Backend(Protocol):
+    """What the allocator needs from kvcached._core.Region."""
+
+    page_size: int
+    num_pages: int
+
+    def map(self, pages: Sequence[int]) -> None: ...
+    def unmap(self, pages: Sequence[int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class AllocatorStats:
+    in_use_pages: int
+    idle_pages: int
+    mapped_pages: int
+    page_bytes: int
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of seconds: set e.g. {name}=0.5") from None
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"{name}={raw!r} must be 0 or more")
+    return value
+
+
+class PageAllocator:
+    """Maps logical pages of one region on demand, against a BudgetRecord. Thread-safe."""
+
+    def __init__(self, layout: KVLayout, region: Backend, budget: BudgetRecord, *,
+                 reserve_pages: int | None = None, reclaim_delay_s: float | None = None,
+                 background: bool = True) -> None:
+        if region.page_size != layout.page_size:
+            raise ValueError(f"region page size {region.page_size} differs from the layout's {layout.page_size}: "
+                             "create the Region with page_size=layout.page_size")
+        if region.num_pages * region.page_size < layout.region_size:
+            raise ValueError(f"region holds {region.num_pages * region.page_size} bytes but the layout needs "
+                             f"{layout.region_size}: create the Region with size=layout.region_size")
+        self.layout = layout
+        self.region = region
+        self.budget = budget
+        self.page_bytes = layout.logical_page_bytes
+        self.reserve_pages = int(_env_float(RESERVE_PAGES_ENV, DEFAULT_RESERVE_PAGES)
+                                 if reserve_pages is None else reserve_pages)
+        self.reclaim_delay_s = (_env_float(RECLAIM_DELAY_ENV, DEFAULT_RECLAIM_DELAY_S)
+                                if reclaim_delay_s is None else reclaim_delay_s)
+        n = layout.num_logical_pages
+        self._state = bytearray(n)  # one of UNMAPPED..PREFETCHING per logical page
+        self._idle_since: dict[int, float] = {}  # insertion order = oldest idle first
+        self._in_use = 0
+        self._mapped = 0  # IN_USE + IDLE + UNMAPPING (memory still committed)
+        self._last_acquire = -math.inf
+        self._want_topup = False
+        self._cond = threading.Condition(threading.Lock())
+        self._stopped = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="kvcached-reclaim", daemon=True)
+            self._thread.start()
+
+    # Acquire / release ------------------------------------------------------------------------------------
+    def acquire_pages(self, pages: Sequence[int]) -> bool:
+        """Make `pages` usable (mapped, in use). All or nothing: False when the budget or memory says no."""
+        wanted = sorted(set(pages))
+        if not wanted:
+            return True
+        for p in wanted:
+            if not 0 <= p < len(self._state):
+                raise IndexError(f"logical page {p} is outside the pool (0..{len(self._state) - 1})")
+        with self._cond:
+            self._check_open()
+            # A page on its way out (or being mapped ahead) is waited for, then taken like any other.
+            while any(self._state[p] in (UNMAPPING, PREFETCHING) for p in wanted):
+                self._cond.wait()
+            busy = [p for p in wanted if self._state[p] in (IN_USE, MAPPING)]
+            if busy:
+                raise ValueError(f"logical pages {busy[:8]} are already in use: release them before acquiring again")
+            reused, to_map = [], []
+            for p in wanted:
+                if self._state[p] == IDLE:
+                    del self._idle_since[p]
+                    self._state[p] = IN_USE
+                    reused.append(p)
+                else:
+                    self._state[p] = MAPPING
+                    to_map.append(p)
+            self._in_use += len(reused)
+            self._last_acquire = time.monotonic()
+        ok = not to_map or self._map(to_map)
+        with self._cond:
+            if ok:
+                for p in to_map:
+                    self._state[p] = IN_USE
+                self._in_use += len(to_map)
+                self._mapped += len(to_map)
+                self._want_topup = True
+            else:
+                now = time.monotonic()
+                for p in to_map:
+                    self._state[p] = UNMAPPED
+                for p in reused:
+                    self._state[p] = IDLE
+                    self._idle_since[p] = now
+                self._in_use -= len(reused)
+            self._publish_used()
+            self._cond.notify_all()
+        return ok
+
+    def acquire(self, count: int) -> list[int] | None:
+        """Any `count` pages, idle (already mapped) ones first; None when they cannot be had now."""
+        if count <= 0:
+            return []
+        with self._cond:
+            self._check_open()
+            chosen = list(self._idle_since)[:count]
+            for p in range(len(self._state)):
+                if len(chosen) >= count:
+                    break
+                if self._state[p] == UNMAPPED:
+                    chosen.append(p)
+            if len(chosen) < count:
+                return None
+        # Another thread may take some of them meanwhile; acquire_pages then raises, and we retry once.
+        try:
+            return sorted(chosen) if self.acquire_pages(chosen) else None
+        except ValueError:
+            return self.acquire(count)
+
+    def release_pages(self, pages: Sequence[int]) -> None:
+        """Pages no longer hold live data: they go idle now and are unmapped after the reclaim delay."""
+        if not pages:
+            return
+        with self._cond:
+            wrong = [p for p in pages if self._state[p] != IN_USE]
+            if wrong:
+                raise ValueError(f"logical pages {wrong[:8]} are not in use ({_STATE_NAMES[self._state[wrong[0]]]}): "
+                                 "double release?")
+            now = time.monotonic()
+            for p in pages:
+                self._state[p] = IDLE
+                self._idle_since[p] = now
+            self._in_use -= len(pages)
+            self._publish_used()
+            self._cond.notify_all()
+        if self._thread is None:
+            self.reclaim()
+
+    # Reclaim ----------------------------------------------------------------------------------------------
+    def reclaim(self) -> int:
+        """Unmap idle pages that are due, or as many as needed to get back under the budget. Returns pages unmapped."""
+        over_pages = -(-self.budget.over_budget() // self.page_bytes)
+        now = time.monotonic()
+        with self._cond:
+            active = now - self._last_acquire < self.reclaim_delay_s
+            keep = self.reserve_pages if active else 0
+            due = [p for p, t in self._idle_since.items() if now - t >= self.reclaim_delay_s]
+            victims = due[:max(0, min(len(due), len(self._idle_since) - keep))]
+            if over_pages > len(victims):
+                chosen = set(victims)
+                victims += [p for p in self._idle_since if p not in chosen][: over_pages - len(victims)]
+            self._begin_unmap(victims)
+        return self._finish_unmap(victims)
+
+    def trim(self) -> int:
+        """Unmap every idle page now (the warm reserve included). Returns pages unmapped."""
+        with self._cond:
+            while any(s == PREFETCHING for s in self._state):
+                self._cond.wait()
+            victims = list(self._idle_since)
+            self._begin_unmap(victims)
+        return self._finish_unmap(victims)
+
+    def _make_room(self, num_bytes: int) -> None:
+        """Unmap idle pages so that a reservation of `num_bytes` can fit (they are ours and nobody needs them)."""
+        short = num_bytes - self.budget.headroom()
+        if short <= 0:
+            return
+        with self._cond:
+            victims = list(self._idle_since)[: -(-short // self.page_bytes)]
+            self._begin_unmap(victims)
+        self._finish_unmap(victims)
+
+    def _begin_unmap(self, victims: list[int]) -> None:
+        for p in victims:
+            del self._idle_since[p]
+            self._state[p] = UNMAPPING
+
+    def _finish_unmap(self, victims: list[int]) -> int:
+        if not victims:
+            return 0
+        try:
+            self.region.unmap(self._region_pages(victims))
+        finally:
+            self.budget.release(len(victims) * self.page_bytes, len(victims))
+            with self._cond:
+                for p in victims:
+                    self._state[p] = UNMAPPED
+                self._mapped -= len(victims)
+                self._cond.notify_all()
+        return len(victims)
+
+    # Mapping ----------------------------------------------------------------------------------------------
+    def _map(self, pages: list[int]) -> bool:
+        """Reserve budget, then map. On any refusal roll the budget back and report False."""
+        num_bytes = len(pages) * self.page_bytes
+        if not self.budget.try_reserve(num_bytes, len(pages)):
+            self._make_room(num_bytes)
+            if not self.budget.try_reserve(num_bytes, len(pages)):
+                return False
+        try:
+            self.region.map(self._region_pages(pages))
+        except MemoryError:
+            self.budget.release(num_bytes, len(pages))
+            return False
+        except BaseException:
+            self.budget.release(num_bytes, len(pages))
+            raise
+        return True
+
+    def _top_up(self) -> None:
+        """Map pages ahead so the next acquire finds them warm; only within budget, never making room."""
+        with self._cond:
+            if not self._want_topup or self._stopped:
+                return
+            self._want_topup = False
+            missing = self.reserve_pages - len(self._idle_since)
+            if missing <= 0:
+                return
+            pages = [p for p in range(len(self._state)) if self._state[p] == UNMAPPED][:missing]
+            if not pages:
+                return
+            for p in pages:
+                self._state[p] = PREFETCHING
+        num_bytes = len(pages) * self.page_bytes
+        ok = self.budget.try_reserve(num_bytes, len(pages))
+        if ok:
+            try:
+                self.region.map(self._region_pages(pages))
+            except MemoryError:
+                self.budget.release(num_bytes, len(pages))
+                ok = False
+        with self._cond:
+            now = time.monotonic()
+            for p in pages:
+                if ok:
+                    self._state[p] = IDLE
+                    self._idle_since[p] = now
+                else:
+                    self._state[p] = UNMAPPED
+            if ok:
+                self._mapped += len(pages)
+            self._cond.notify_all()
+
+    def _region_pages(self, pages: list[int]) -> list[int]:
+        out: list[int] = []
+        for p in pages:
+            out.extend(self.layout.region_pages(p))
+        return out
+
+    def _publish_used(self) -> None:
+        self.budget.set_used(self._in_use * self.page_bytes, self._in_use)
+
+    # Background thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        tick = max(0.02, min(0.25, self.reclaim_delay_s / 4))
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                self._cond.wait(timeout=tick)
+                if self._stopped:
+                    return
+            try:
+                self.budget.heartbeat()
+                self.reclaim()
+                self._top_up()
+            except Exception as exc:  # keep reclaiming; a transient error must not leak memory forever
+                print(f"kvcached: reclaim thread error: {exc!r}", flush=True)
+
+    # Introspection / shutdown -----------------------------------------------------------------------------
+    def page_state(self, page: int) -> str:
+        return _STATE_NAMES[self._state[page]]
+
+    def idle_pages(self) -> list[int]:
+        with self._cond:
+            return list(self._idle_since)
+
+    def stats(self) -> AllocatorStats:
+        with self._cond:
+            return AllocatorStats(in_use_pages=self._in_use, idle_pages=len(self._idle_since),
+                                  mapped_pages=self._mapped, page_bytes=self.page_bytes)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the page allocator is closed: create a new one")
+
+    def close(self) -> None:
+        """Stop the reclaim thread and unmap every page (idle and in use)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        with self._cond:
+            while any(s in (MAPPING, UNMAPPING, PREFETCHING) for s in self._state):
+                self._cond.wait()
+            self._closed = True
+            victims = [p for p in range(len(self._state)) if self._state[p] in (IN_USE, IDLE)]
+            for p in victims:
+                self._state[p] = UNMAPPING
+            self._idle_since.clear()
+            self._in_use = 0
+            self._publish_used()
+        self._finish_unmap(victims)
+
+    def __enter__(self) -> "PageAllocator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
