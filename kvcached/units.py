@@ -23,7 +23,7 @@ def parse_size(text: str | int) -> int:
         if text < 0:
             raise ValueError(f"invalid size {text}: sizes cannot be negative")
         return text
-    raw = str(text)
+    raw = str(text).strip()
     if raw.strip().startswith("-"):
         raise ValueError(f"invalid size {raw!r}: sizes cannot be negative")
     match = _SIZE_RE.match(raw)
@@ -41,9 +41,9 @@ def parse_percent(text: str | float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"invalid percentage {text!r}: give a number from 0 to 100, e.g. 50 or 50%") from None
+        raise ValueError(f"invalid percentage {str(text).strip()!r}: give a number from 0 to 100, e.g. 50 or 50%") from None
     if not math.isfinite(value) or not 0.0 <= value <= 100.0:
-        raise ValueError(f"invalid percentage {text!r}: give a number from 0 to 100")
+        raise ValueError(f"invalid percentage {str(text).strip()!r}: give a number from 0 to 100")
     return value
 
 

@@ -1,0 +1,159 @@
+"""kvctl: list kvcached pools and change their memory limits while the engines run.
+
+Every change goes through the shared-memory records (kvcached.budget); the engines' allocators notice
+within a fraction of a second. Bad input exits with status 2 and changes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+from kvcached import budget
+from kvcached.units import format_size, parse_percent, parse_size
+
+EPILOG = """examples:
+  kvctl list                      table of pools (dead ones marked)
+  kvctl list --json               JSON array: name, group, pid, used_bytes, reserved_bytes, limit_bytes, ...
+  kvctl limit llama-0 2G          cap one pool at 2 GiB (idle pages above it are given back)
+  kvctl limit llama-0 none        back to the whole pool
+  kvctl limit-percent llama-0 50  cap at 50% of the pool's virtual size
+  kvctl group-limit shared 6G     cap the sum of a group (KVCACHED_IPC_NAME) at 6 GiB
+  kvctl group-limit shared none   remove the group cap
+  kvctl cleanup                   remove records (and pool files) of dead processes
+  kvctl watch -n 1                refresh the table every second
+
+records live in $KVCACHED_SHM_DIR (default /dev/shm/kvcached)."""
+
+
+class UsageError(Exception):
+    """Bad input: reported on stderr with exit status 2."""
+
+
+def _size_or_none(text: str) -> int | None:
+    if text.strip().lower() in ("none", "off", "unlimited"):
+        return None
+    return parse_size(text)
+
+
+def _instances_json() -> list[dict]:
+    return [i.to_dict() for i in budget.list_instances()]
+
+
+def render_table() -> str:
+    """The `kvctl list` table as plain text."""
+    instances = budget.list_instances()
+    if not instances:
+        return f"no kvcached pools in {budget.shm_dir()}"
+    headers = ("NAME", "GROUP", "PID", "STATE", "USED", "RESERVED", "LIMIT", "VIRTUAL")
+    rows = [(i.name, i.group, str(i.pid), "alive" if i.alive else "DEAD", format_size(i.used_bytes),
+             format_size(i.reserved_bytes), format_size(i.limit_bytes), format_size(i.virtual_bytes))
+            for i in instances]
+    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(headers)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (headers, *rows)]
+    caps = [g for g in budget.list_groups() if g.cap_bytes is not None]
+    for g in caps:
+        lines.append(f"group {g.name}: reserved {format_size(g.reserved_bytes)} of cap {format_size(g.cap_bytes)}"
+                     f" ({g.members} live)")
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(_instances_json(), indent=2))
+    else:
+        print(render_table())
+    return 0
+
+
+def cmd_limit(args: argparse.Namespace) -> int:
+    size = _size_or_none(args.size)
+    info = budget.find_instance(args.name)
+    new = budget.set_limit(args.name, info.virtual_bytes if size is None else size)
+    print(f"{new.name}: limit {format_size(new.limit_bytes)} (reserved {format_size(new.reserved_bytes)})")
+    return 0
+
+
+def cmd_limit_percent(args: argparse.Namespace) -> int:
+    new = budget.set_limit_percent(args.name, parse_percent(args.percent))
+    print(f"{new.name}: limit {format_size(new.limit_bytes)} (reserved {format_size(new.reserved_bytes)})")
+    return 0
+
+
+def cmd_group_limit(args: argparse.Namespace) -> int:
+    g = budget.set_group_limit(args.group, _size_or_none(args.size), create=args.create)
+    cap = "none" if g.cap_bytes is None else format_size(g.cap_bytes)
+    print(f"group {g.name}: cap {cap} (reserved {format_size(g.reserved_bytes)}, {g.members} live)")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    removed = budget.cleanup()
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print("nothing to clean up")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval must be more than 0 seconds")
+    try:
+        while True:
+            sys.stdout.write("\x1b[H\x1b[2J" + render_table() + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvctl", description=__doc__,
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("list", help="list pools (live and dead)")
+    p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("limit", help="set a pool's limit (SIZE like 512M, 2G, or `none`)")
+    p.add_argument("name")
+    p.add_argument("size")
+    p.set_defaults(func=cmd_limit)
+    p = sub.add_parser("limit-percent", help="set a pool's limit as a percentage of its virtual size")
+    p.add_argument("name")
+    p.add_argument("percent")
+    p.set_defaults(func=cmd_limit_percent)
+    p = sub.add_parser("group-limit", help="cap a group's total (SIZE, or `none` to remove the cap)")
+    p.add_argument("group")
+    p.add_argument("size")
+    p.add_argument("--create", action="store_true", help="allow a group with no pools yet (cap before start)")
+    p.set_defaults(func=cmd_group_limit)
+    p = sub.add_parser("cleanup", help="remove records and pool files of dead processes")
+    p.set_defaults(func=cmd_cleanup)
+    p = sub.add_parser("watch", help="redraw the table every few seconds (Ctrl-C stops)")
+    p.add_argument("-n", "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.set_defaults(func=cmd_watch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse reads `-1G` as an unknown option; a leading space keeps it a value so parse_size can say
+    # "sizes cannot be negative" instead of a confusing "missing argument".
+    argv = [" " + a if re.match(r"^-\d", a) else a for a in argv]
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyError as exc:
+        print(f"kvctl: {exc.args[0]}", file=sys.stderr)
+    except (ValueError, UsageError) as exc:
+        print(f"kvctl: {exc}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

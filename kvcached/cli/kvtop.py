@@ -1,0 +1,119 @@
+"""kvtop: a live view of kvcached pools: per-pool bars of used / reserved against the limit, group caps,
+and device memory when NVML is available. `kvtop --once` prints one frame (for scripts and CI)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from kvcached import budget
+from kvcached.units import format_size
+
+BAR_WIDTH = 30
+
+
+def usage_bar(used: int, reserved: int, limit: int, width: int = BAR_WIDTH) -> Text:
+    """'█' used, '▒' reserved but idle, '·' free under the limit."""
+    total = max(limit, reserved, 1)
+    n_used = round(width * used / total)
+    n_res = max(0, round(width * reserved / total) - n_used)
+    bar = Text()
+    bar.append("█" * n_used, style="green")
+    bar.append("▒" * n_res, style="yellow")
+    bar.append("·" * max(0, width - n_used - n_res), style="dim")
+    return bar
+
+
+def device_memory() -> list[tuple[str, int, int]]:
+    """(name, used, total) per NVIDIA device, empty when NVML is absent (no driver, no GPU)."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    try:
+        out = []
+        for k in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(k)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            name = pynvml.nvmlDeviceGetName(h)
+            out.append((f"GPU{k} {name.decode() if isinstance(name, bytes) else name}", int(mem.used), int(mem.total)))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def build_frame() -> Group:
+    """One frame: pools, groups, devices."""
+    instances = budget.list_instances()
+    pools = Table(title=f"kvcached pools ({budget.shm_dir()})", expand=False)
+    for col in ("name", "group", "pid", "used", "reserved", "limit", "virtual"):
+        pools.add_column(col, justify="right" if col not in ("name", "group") else "left")
+    pools.add_column("used █ / reserved ▒ of limit", min_width=BAR_WIDTH, no_wrap=True)
+    for i in instances:
+        name = Text(i.name) if i.alive else Text(f"{i.name} (dead)", style="red")
+        pools.add_row(name, i.group, str(i.pid), format_size(i.used_bytes), format_size(i.reserved_bytes),
+                      format_size(i.limit_bytes), format_size(i.virtual_bytes),
+                      usage_bar(i.used_bytes, i.reserved_bytes, i.limit_bytes))
+    if not instances:
+        pools.add_row("(no pools)", "", "", "", "", "", "", "")
+    parts: list = [pools]
+    groups = budget.list_groups()
+    if groups:
+        gt = Table(title="groups")
+        for col in ("group", "live", "used", "reserved", "cap"):
+            gt.add_column(col)
+        gt.add_column("reserved of cap", min_width=BAR_WIDTH, no_wrap=True)
+        for g in groups:
+            cap = "none" if g.cap_bytes is None else format_size(g.cap_bytes)
+            bar = usage_bar(g.used_bytes, g.reserved_bytes, g.cap_bytes) if g.cap_bytes is not None else Text("")
+            gt.add_row(g.name, str(g.members), format_size(g.used_bytes), format_size(g.reserved_bytes), cap, bar)
+        parts.append(gt)
+    devices = device_memory()
+    if devices:
+        dt = Table(title="devices (NVML)")
+        for col in ("device", "used", "total", ""):
+            dt.add_column(col)
+        for name, used, total in devices:
+            dt.add_row(name, format_size(used), format_size(total), usage_bar(used, used, total))
+        parts.append(dt)
+    return Group(*parts)
+
+
+def render_once(width: int = 140) -> str:
+    """One frame as plain text (what `kvtop --once` prints)."""
+    console = Console(width=width, record=True, file=None, force_terminal=False, color_system=None)
+    with console.capture() as capture:
+        console.print(build_frame())
+    return capture.get()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvtop", description=__doc__,
+                                     epilog="examples:\n  kvtop\n  kvtop --interval 0.5\n  kvtop --once",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.add_argument("-n", "--interval", type=float, default=1.0, help="seconds between frames (default 1)")
+    args = parser.parse_args(argv)
+    if args.interval <= 0:
+        print("kvtop: --interval must be more than 0 seconds", file=sys.stderr)
+        return 2
+    if args.once:
+        Console().print(build_frame())
+        return 0
+    try:
+        with Live(build_frame(), refresh_per_second=max(1.0, 1 / args.interval), screen=False) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(build_frame())
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
