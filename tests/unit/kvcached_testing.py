@@ -1,0 +1,95 @@
+"""Shared helpers for the kvcached unit tests: a per-test records directory and region factories."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from typing import Sequence
+
+import pytest
+
+
+def core_region_class():
+    """kvcached._core.Region, or None while the extension is not built."""
+    try:
+        from kvcached import _core
+    except ImportError:
+        return None
+    return getattr(_core, "Region", None)
+
+
+class RecordingBackend:
+    """TEST DOUBLE for the allocator logic only: remembers which pages are mapped, can be told to fail.
+
+    It also records whether a lock it is given was held during a backend call, which the allocator promises
+    never to do.
+    """
+
+    backend = "host"
+
+    def __init__(self, size: int, page_size: int) -> None:
+        self.size = size
+        self.page_size = page_size
+        self.num_pages = size // page_size
+        self.mapped: set[int] = set()
+        self.fail_next_map = False
+        self.watched_lock: threading.Lock | None = None
+        self.calls_under_lock = 0
+        self.maps = 0
+
+    def _check_lock(self) -> None:
+        if self.watched_lock is not None and self.watched_lock.locked():
+            self.calls_under_lock += 1
+
+    def map(self, pages: Sequence[int]) -> None:
+        self._check_lock()
+        if self.fail_next_map:
+            self.fail_next_map = False
+            raise MemoryError("injected by RecordingBackend")
+        self.maps += 1
+        self.mapped |= set(pages)
+
+    def unmap(self, pages: Sequence[int]) -> None:
+        self._check_lock()
+        self.mapped -= set(pages)
+
+    def resident_pages(self) -> list[int]:
+        return sorted(self.mapped)
+
+    def close(self) -> None:
+        self.mapped.clear()
+
+
+def make_region(kind: str, size: int, page_size: int):
+    if kind == "recording":
+        return RecordingBackend(size, page_size)
+    region_cls = core_region_class()
+    if region_cls is None:
+        pytest.skip("kvcached._core.Region is not built: run `.venv/bin/pip install -q -e .[test]`")
+    return region_cls(size, page_size, backend="host")
+
+
+def mapped_pages(region) -> set[int]:
+    """Pages committed in the region: the double's record, or the real Region's is_mapped state."""
+    if isinstance(region, RecordingBackend):
+        return set(region.mapped)
+    return {p for p in range(region.num_pages) if region.is_mapped(p)}
+
+
+@pytest.fixture
+def shm_dir(monkeypatch):
+    """A fresh KVCACHED_SHM_DIR under /dev/shm for this test, removed afterwards."""
+    path = tempfile.mkdtemp(prefix="kvcached-test-", dir="/dev/shm")
+    monkeypatch.setenv("KVCACHED_SHM_DIR", path)
+    monkeypatch.delenv("KVCACHED_IPC_NAME", raising=False)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=["recording", "host"])
+def region_kind(request) -> str:
+    return request.param
+
+
+__all__ = ["RecordingBackend", "make_region", "mapped_pages", "shm_dir", "region_kind", "core_region_class", "os"]
