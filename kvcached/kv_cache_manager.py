@@ -257,6 +257,8 @@ class KVCacheManager:
                         for p in new_pages:
                             self._refresh(p)
                     else:
-                        self._mark_free(blocks)
+                        # A held page can empty here too: its other blocks may have been freed meanwhile.
+                        fresh = set(new_pages)
+                        self.allocator.release_pages([p for p in self._mark_free(blocks) if p not in fresh])
                     self._cond.notify_all()
         return ok
