@@ -1,0 +1,213 @@
+"""kvcached's vLLM integration, checked against vLLM's own classes (imported, no server).
+
+If a vLLM upgrade moves or reshapes a hook target, these fail loudly in CI instead of the engine silently keeping
+a static cache. The GPU model runner and worker code paths are covered here too: they import and are patched the
+same way on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch comes with vLLM: run `make setup`")
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed: run `make setup`")
+
+from kvcached import _core  # noqa: E402
+from kvcached.budget import BudgetRecord  # noqa: E402
+from kvcached.integration import vllm_patches, vllm_worker  # noqa: E402
+from kvcached.integration.vllm_block_pool import ElasticBlockPool  # noqa: E402
+from kvcached.integration.vllm_layout import UnsupportedLayout, plan_pool  # noqa: E402
+from kvcached.kv_cache_manager import KVCacheManager  # noqa: E402
+from kvcached.layout import KVLayout  # noqa: E402
+from vllm.v1.kv_cache_interface import (  # noqa: E402
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheTensor,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
+
+MiB = 1 << 20
+
+
+def _resolve(module_name: str, attr_path: str):
+    obj = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.mark.parametrize("module_name,attr_path,params", vllm_patches.HOOK_TARGETS,
+                         ids=[f"{m}:{a}" for m, a, _ in vllm_patches.HOOK_TARGETS])
+def test_hook_target_exists_with_expected_signature(module_name, attr_path, params):
+    target = _resolve(module_name, attr_path)
+    names = list(inspect.signature(inspect.unwrap(target)).parameters)
+    assert names[:len(params)] == list(params), f"{module_name}.{attr_path} now takes {names}"
+
+
+def test_gpu_worker_allocates_through_the_shared_helper():
+    """The GPU model runner allocates with the same `allocate_kv_cache` the patch replaces."""
+    source = inspect.getsource(_resolve("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache_tensors"))
+    assert "allocate_kv_cache(" in source
+    utils_source = inspect.getsource(_resolve("vllm.v1.worker.utils", "allocate_kv_cache"))
+    assert "torch.zeros(buf_size, dtype=torch.int8" in utils_source
+
+
+def _config(num_blocks: int, layers: int = 4, layout: KVCacheLayout = KVCacheLayout.LBHNC):
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    page = spec.page_size_bytes
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
+    if layout.is_block_outermost:
+        layer_stride, block_stride = page, page * layers
+    else:
+        layer_stride, block_stride = page * num_blocks, page
+    tensor = KVCacheTensor(size=page * num_blocks * layers, layers=names, layer_stride=layer_stride,
+                           block_stride=block_stride)
+    return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[tensor],
+                         kv_cache_groups=[KVCacheGroupSpec(names, spec)]), spec
+
+
+def test_plan_pads_layer_stride_to_whole_pages():
+    cfg, spec = _config(num_blocks=37)
+    plan = plan_pool(cfg, KVCacheLayout.LBHNC, page_size=64 * 1024)
+    assert plan.layout.stride % (64 * 1024) == 0
+    assert plan.layout.stride >= 37 * spec.page_size_bytes
+    assert plan.kv_cache_tensors[0].layer_stride == plan.layout.stride
+    assert plan.buffer_size == 4 * plan.layout.stride
+
+
+def test_plan_rejects_head_major_layout():
+    cfg, _ = _config(num_blocks=8)
+    with pytest.raises(UnsupportedLayout, match="block-compact"):
+        plan_pool(cfg, KVCacheLayout.LHBNC, page_size=64 * 1024)
+
+
+@pytest.fixture
+def shm_dir(tmp_path_factory, monkeypatch):
+    directory = f"/dev/shm/kvcached-test-{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv("KVCACHED_SHM_DIR", directory)
+    monkeypatch.setenv("KVCACHED_INSTANCE", f"unit-{os.getpid()}")
+    monkeypatch.setenv("KVCACHED_IPC_NAME", f"unit-{os.getpid()}")
+    monkeypatch.setenv("KVCACHED_PAGE_SIZE", str(64 * 1024))
+    yield directory
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_vllm_allocate_kv_cache_views_land_in_a_region(shm_dir):
+    """vLLM's real allocate_kv_cache, with the elastic buffer: views at the right offsets, no memory until mapped."""
+    import vllm.v1.worker.utils as utils
+
+    original = inspect.unwrap(utils.allocate_kv_cache)
+    elastic = vllm_worker.elastic_allocate_kv_cache(original, utils)
+    cfg, spec = _config(num_blocks=37)
+    kv_caches = elastic(cfg, torch.device("cpu"), KVCacheLayout.LBHNC)
+    region = vllm_worker._regions[-1]
+    try:
+        plan = plan_pool(cfg, KVCacheLayout.LBHNC, 64 * 1024)
+        assert region.size == plan.buffer_size
+        assert region.resident_pages() == []
+        for layer, name in enumerate(cfg.kv_cache_groups[0].layer_names):
+            view = kv_caches[name]
+            assert view.shape[0] == 37
+            offset = view[5].data_ptr() - region.address
+            assert offset == layer * plan.layout.stride + 5 * spec.page_size_bytes
+        # Commit the logical page holding block 5, in every layer, then write it through vLLM's views.
+        page = plan.layout.pages_of_block(5)[0]
+        region.map(plan.layout.region_pages(page))
+        for name in cfg.kv_cache_groups[0].layer_names:
+            kv_caches[name][5].fill_(1.0)
+        assert sorted(region.resident_pages()) == sorted(plan.layout.region_pages(page))
+        # Reading blocks on pages never committed costs nothing and reads zeros.
+        assert float(kv_caches[cfg.kv_cache_groups[0].layer_names[0]][30].abs().sum()) == 0.0
+        assert sorted(region.resident_pages()) == sorted(plan.layout.region_pages(page))
+    finally:
+        vllm_worker._regions.remove(region)
+        del kv_caches
+        region.close()
+
+
+@pytest.fixture
+def elastic_pool(shm_dir):
+    """A real vLLM BlockPool with the kvcached patches and a manager over a real host region."""
+    from vllm.v1.core import block_pool as block_pool_module
+
+    vllm_patches._patch_block_pool(block_pool_module)  # idempotent; a pool without `_kvcached` is untouched
+    layout = KVLayout(num_blocks=64, block_bytes=16 * 1024, num_layers=2, page_size=64 * 1024)
+    region = _core.Region(layout.region_size, layout.page_size, backend="host")
+    record = BudgetRecord.create(layout.num_logical_pages * layout.logical_page_bytes, name="pool",
+                                 page_bytes=layout.logical_page_bytes)
+    manager = KVCacheManager(layout, region, record, reserve_pages=0, reclaim_delay_s=0.05)
+    pool = block_pool_module.BlockPool(num_gpu_blocks=64, enable_caching=True, hash_block_size=16)
+    pool._kvcached = ElasticBlockPool(pool, manager, retention_s=0.1)
+    yield pool, manager, region, record
+    pool._kvcached.close()
+    record.close()
+    region.close()
+
+
+def _wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_blocks_come_from_mapped_pages_and_memory_returns(elastic_pool):
+    pool, manager, region, _ = elastic_pool
+    assert manager.is_live(0)  # the null block's page stays mapped
+    ek = pool._kvcached
+    ek.begin_allocation()
+    ek.note_need(6)
+    assert pool.get_num_free_blocks() >= 6
+    blocks = pool.get_new_blocks(6)
+    ek.end_allocation()
+    ids = [b.block_id for b in blocks]
+    assert all(manager.is_live(i) for i in ids)
+    assert all(b.ref_cnt == 1 for b in blocks)
+    # Blocks fill the null block's page first (4 blocks of 16 KiB per 64 KiB page): 2 logical pages in all.
+    assert len({manager.layout.pages_of_block(i)[0] for i in ids + [0]}) == 2
+    pool.free_blocks(blocks)
+    assert _wait_for(lambda: region.num_mapped == manager.layout.num_layers)  # only the null block's page
+
+
+def test_prefix_cached_blocks_are_kept_then_reclaimed(elastic_pool):
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+    pool, manager, region, _ = elastic_pool
+    ek = pool._kvcached
+    ek.retention_s = 60.0
+    block = pool.get_new_blocks(1)[0]
+    key = make_block_hash_with_group_id(b"prefix-1", 0)
+    pool._insert_block_hash(key, block, None)
+    pool.free_blocks([block])
+    assert manager.is_live(block.block_id)  # cached-free: memory kept for a prefix hit
+    hit = pool.get_cached_block(b"prefix-1", [0])
+    assert hit is not None and hit[0] is block
+    pool.touch(hit)
+    assert block.ref_cnt == 1
+    pool.free_blocks([block])
+    ek.retention_s = 0.0
+    ek.reclaim_once()
+    assert block.block_hash is None  # evicted from the prefix cache before its page went
+    assert not manager.is_live(block.block_id)
+    assert _wait_for(lambda: region.num_mapped == manager.layout.num_layers)
+
+
+def test_budget_exhaustion_is_a_scheduling_miss(elastic_pool):
+    pool, manager, region, record = elastic_pool
+    record.set_limit(2 * manager.layout.logical_page_bytes)  # the null block's page plus one more
+    ek = pool._kvcached
+    ek.begin_allocation()
+    ek.note_need(20)
+    free = pool.get_num_free_blocks()
+    ek.end_allocation()
+    assert free < 20  # vLLM's allocate_slots sees too few blocks and returns None: the request waits
+    assert record.reserved_bytes <= 2 * manager.layout.logical_page_bytes
