@@ -49,6 +49,10 @@ _RULES: list[tuple[re.Pattern[str], Diagnosis]] = [
      Diagnosis("model not found",
                "check the model path or name; offline, generate the tiny model with "
                "`kvlab tiny-model .cache/models/tiny-llama` (HF_HUB_OFFLINE=1 forbids downloads)")),
+    # Last: vLLM only warns when a plugin fails, so this explains a death only when nothing else does.
+    (re.compile(r"Failed to load plugin kvcached"),
+     Diagnosis("the kvcached vLLM plugin failed to import",
+               "reinstall the project (`.venv/bin/pip install -e .`) and check the traceback above it in the log")),
 ]
 
 
