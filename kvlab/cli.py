@@ -12,6 +12,7 @@ import sys
 # Order is the order `kvlab --help` shows.
 SUBCOMMAND_MODULES = [
     "kvlab.commands.tiny_model",
+    "kvlab.commands.bench",
 ]
 
 
