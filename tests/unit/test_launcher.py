@@ -1,0 +1,86 @@
+"""kvlab.launcher on a plain process tree (no vLLM): the tree dies with the launching process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+
+# A stand-in for vLLM: a process with two children, one of which has a child of its own (4 in all).
+TREE = [sys.executable, "-c", "import subprocess, time, sys; "
+        "subprocess.Popen(['sleep', '300']); "
+        "subprocess.Popen([sys.executable, '-c', 'import subprocess, time; subprocess.Popen([\"sleep\", \"300\"]); time.sleep(300)']); "
+        "time.sleep(300)"]
+
+
+def live(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while live(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return live(pids)
+
+
+def tree_of(pid: int, size: int, timeout: float = 10) -> list[int]:
+    """The pids under `pid` once `size` descendants exist."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        if len(kids) >= size:
+            return kids
+        time.sleep(0.05)
+    raise AssertionError(f"tree under {pid} never reached {size} processes")
+
+
+def test_sigterm_stops_the_whole_group_and_reports_it():
+    launcher = subprocess.Popen([sys.executable, "-m", "kvlab.launcher", "--grace", "2", "--", *TREE],
+                                start_new_session=True, stderr=subprocess.PIPE, text=True)
+    tree = tree_of(launcher.pid, 4)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=10) == 128 + signal.SIGTERM
+    assert wait_gone(tree, 5) == []
+    assert "stopping" in launcher.stderr.read()
+
+
+def test_the_tree_dies_when_the_launching_process_is_sigkilled(tmp_path):
+    parent_script = tmp_path / "parent.py"
+    parent_script.write_text(textwrap.dedent(f"""
+        import json, subprocess, sys, time
+        launcher = subprocess.Popen([sys.executable, "-m", "kvlab.launcher", "--grace", "2", "--", *{TREE!r}],
+                                    start_new_session=True)
+        print(launcher.pid, flush=True)
+        time.sleep(300)
+    """))
+    parent = subprocess.Popen([sys.executable, str(parent_script)], stdout=subprocess.PIPE, text=True)
+    launcher_pid = int(parent.stdout.readline())
+    tree = [launcher_pid, *tree_of(launcher_pid, 4)]
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    assert wait_gone(tree, 10) == [], "processes outlived their launching parent"
+
+
+def test_exit_code_of_the_command_is_passed_through():
+    rc = subprocess.run([sys.executable, "-m", "kvlab.launcher", "--", sys.executable, "-c", "raise SystemExit(7)"],
+                        timeout=30).returncode
+    assert rc == 7
+
+
+def test_a_missing_command_says_so():
+    out = subprocess.run([sys.executable, "-m", "kvlab.launcher", "--", "no-such-command-kvlab"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 127 and "cannot run 'no-such-command-kvlab'" in out.stderr
