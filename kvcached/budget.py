@@ -462,11 +462,29 @@ class BudgetRecord:
         for _, mapped in self._members.values():
             mapped.close()
         self._members.clear()
+        self._forget_group_if_unused()
         self._rec = _Record.from_buffer_copy(bytes(self._record.mm))  # keep reads valid after close
         self._record.close()
         self._group = _Group.from_buffer_copy(bytes(self._groupmap.mm))
         self._groupmap.close()
         self._group_lock.close()
+
+    def _forget_group_if_unused(self) -> None:
+        """Remove an uncapped group's files once its last member leaves, so unnamed groups do not pile up.
+
+        Done under the create lock, which every new member holds while publishing its record, so a member
+        joining concurrently is either seen here (files kept) or creates fresh files after.
+        """
+        if self.group_cap is not None:
+            return
+        lock = _FileLock(self._dir / _CREATE_LOCK)
+        try:
+            with lock:
+                if not any(i.group == self.group for i in list_instances(fresh=False)):
+                    _group_path(self._dir, self.group).unlink(missing_ok=True)
+                    (self._dir / f"{self.group}{LOCK_SUFFIX}").unlink(missing_ok=True)
+        finally:
+            lock.close()
 
     def __enter__(self) -> "BudgetRecord":
         return self

@@ -33,6 +33,7 @@ def test_default_group_comes_from_ipc_name(shm_dir, monkeypatch):
     assert other.group != rec.group, "without KVCACHED_IPC_NAME each pool is its own group"
     rec.close()
     other.close()
+    assert sorted(os.listdir(shm_dir)) == [".create.lock"], "uncapped groups leave no files behind"
 
 
 def test_limit_shrinks_and_grows_back(shm_dir):
