@@ -32,14 +32,17 @@ struct PyRegion {
   }
 };
 
+// One context per exported tensor, for either DLPack flavour; it owns the shape and a hold on the region.
 struct DLPackContext {
   std::shared_ptr<Region> region;  // keeps the memory alive while the tensor lives
   int64_t shape[1];
   DLManagedTensor tensor;
+  DLManagedTensorVersioned versioned;
 };
 
-// Called by the consumer (or by our capsule destructor) when the tensor dies; needs no GIL.
+// Called by the consumer (or by our capsule destructors) when the tensor dies; needs no GIL.
 void dlpack_deleter(DLManagedTensor* t) { delete static_cast<DLPackContext*>(t->manager_ctx); }
+void dlpack_versioned_deleter(DLManagedTensorVersioned* t) { delete static_cast<DLPackContext*>(t->manager_ctx); }
 
 void dlpack_capsule_destructor(PyObject* capsule) {
   // A consumer renames the capsule "used_dltensor" and then owns the tensor; only unconsumed ones are ours.
@@ -48,15 +51,22 @@ void dlpack_capsule_destructor(PyObject* capsule) {
   if (t && t->deleter) t->deleter(t);
 }
 
-py::object make_dlpack(const std::shared_ptr<Region>& region, int64_t offset, std::optional<int64_t> nbytes) {
+void dlpack_versioned_capsule_destructor(PyObject* capsule) {
+  if (!PyCapsule_IsValid(capsule, "dltensor_versioned")) return;
+  auto* t = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(capsule, "dltensor_versioned"));
+  if (t && t->deleter) t->deleter(t);
+}
+
+py::object make_dlpack(const std::shared_ptr<Region>& region, int64_t offset, std::optional<int64_t> nbytes,
+                       bool versioned = false) {
   const int64_t size = static_cast<int64_t>(region->size());
   const int64_t n = nbytes.value_or(size - offset);
   if (offset < 0 || n < 0 || offset > size || n > size - offset) {
     throw std::out_of_range("dlpack view [" + std::to_string(offset) + ", +" + std::to_string(n) +
                             ") lies outside the region of " + std::to_string(size) + " bytes");
   }
-  auto* ctx = new DLPackContext{region, {n}, {}};
-  DLTensor& t = ctx->tensor.dl_tensor;
+  auto* ctx = new DLPackContext{region, {n}, {}, {}};
+  DLTensor& t = versioned ? ctx->versioned.dl_tensor : ctx->tensor.dl_tensor;
   t.data = reinterpret_cast<void*>(region->address() + static_cast<uintptr_t>(offset));
   t.device = {region->dlpack_device_type(), region->dlpack_device_type() == kDLCUDA ? region->device() : 0};
   t.ndim = 1;
@@ -64,9 +74,18 @@ py::object make_dlpack(const std::shared_ptr<Region>& region, int64_t offset, st
   t.shape = ctx->shape;
   t.strides = nullptr;
   t.byte_offset = 0;
-  ctx->tensor.manager_ctx = ctx;
-  ctx->tensor.deleter = dlpack_deleter;
-  PyObject* cap = PyCapsule_New(&ctx->tensor, "dltensor", dlpack_capsule_destructor);
+  PyObject* cap = nullptr;
+  if (versioned) {
+    ctx->versioned.version = {1, 0};
+    ctx->versioned.manager_ctx = ctx;
+    ctx->versioned.deleter = dlpack_versioned_deleter;
+    ctx->versioned.flags = 0;  // writable, not a copy
+    cap = PyCapsule_New(&ctx->versioned, "dltensor_versioned", dlpack_versioned_capsule_destructor);
+  } else {
+    ctx->tensor.manager_ctx = ctx;
+    ctx->tensor.deleter = dlpack_deleter;
+    cap = PyCapsule_New(&ctx->tensor, "dltensor", dlpack_capsule_destructor);
+  }
   if (!cap) {
     delete ctx;
     throw py::error_already_set();
@@ -194,13 +213,17 @@ the others call ``sync()`` to make their view match.)doc")
           "A 1-D int8 DLPack capsule over [offset, offset+nbytes); it keeps the region alive.")
       .def(
           "__dlpack__",
-          [](const PyRegion& s, const py::object& stream, const py::kwargs& kwargs) {
-            // No work of ours is queued on any stream, so there is nothing to order against `stream`.
+          [](const PyRegion& s, const py::object& stream, const py::object& max_version, const py::kwargs& kwargs) {
+            // No work of ours is queued on any stream, so there is nothing to order against `stream`;
+            // dl_device/copy requests need no action either: the region never copies.
             (void)stream;
             (void)kwargs;
-            return make_dlpack(s.get(), 0, std::nullopt);
+            bool versioned = false;
+            if (!max_version.is_none()) versioned = max_version.cast<py::tuple>()[0].cast<int>() >= 1;
+            return make_dlpack(s.get(), 0, std::nullopt, versioned);
           },
-          py::arg("stream") = py::none())
+          py::arg("stream") = py::none(), py::arg("max_version") = py::none(),
+          "DLPack export of the whole region: versioned (1.0) when the consumer allows it, legacy otherwise.")
       .def("__dlpack_device__",
            [](const PyRegion& s) {
              auto r = s.get();

@@ -1,9 +1,10 @@
 // Minimal DLPack definitions, so the extension needs neither torch nor the dlpack package to build.
 //
-// These mirror the stable DLPack C ABI (dmlc/dlpack `include/dlpack/dlpack.h`, the unversioned
-// `DLManagedTensor` layout of v0.8). Consumers (torch.from_dlpack, numpy.from_dlpack) read the struct
-// through a PyCapsule named "dltensor" and rename it "used_dltensor" once they own it; field order and
-// widths below must therefore never change.
+// These mirror the stable DLPack C ABI (dmlc/dlpack `include/dlpack/dlpack.h`): the unversioned
+// `DLManagedTensor` layout of v0.8, carried in a PyCapsule named "dltensor" (renamed "used_dltensor" by the
+// consumer), and the v1.0 `DLManagedTensorVersioned` ("dltensor_versioned"), which we hand out only to
+// consumers that ask for it through __dlpack__(max_version=(1, ...)): numpy imports legacy capsules
+// read-only, versioned ones with flags == 0 writable. Field order and widths must never change.
 #pragma once
 
 #include <cstdint>
@@ -47,5 +48,18 @@ typedef struct DLManagedTensor {
   void* manager_ctx;
   void (*deleter)(struct DLManagedTensor* self);
 } DLManagedTensor;
+
+typedef struct {
+  uint32_t major;
+  uint32_t minor;
+} DLPackVersion;
+
+typedef struct DLManagedTensorVersioned {
+  DLPackVersion version;
+  void* manager_ctx;
+  void (*deleter)(struct DLManagedTensorVersioned* self);
+  uint64_t flags;  // bit 0: read-only; bit 1: is a copy
+  DLTensor dl_tensor;
+} DLManagedTensorVersioned;
 
 }  // extern "C"
