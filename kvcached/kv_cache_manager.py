@@ -163,6 +163,9 @@ class KVCacheManager:
             reserved_bytes=self.budget.reserved_bytes, limit_bytes=self.budget.limit_bytes,
             virtual_bytes=self.layout.num_logical_pages * a.page_bytes, page_bytes=a.page_bytes)
 
+    def live_blocks(self) -> int:
+        return self._num_live
+
     def is_live(self, block: int) -> bool:
         return bool(self._live[block])
 

@@ -33,6 +33,9 @@ from kvcached.kv_cache_manager import KVCacheManager
 logger = logging.getLogger("kvcached")
 
 RECLAIM_TICK_S = 0.1
+# How long a free block stays in the prefix cache (holding its page) before kvcached reclaims it. Short, because
+# an idle engine should hold no KV memory; raise KVCACHED_PREFIX_RETENTION_S to trade memory for prefix hits.
+DEFAULT_RETENTION_S = 0.5
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -49,13 +52,14 @@ class ElasticBlockPool:
         self.manager = manager
         self.lock = threading.RLock()
         self.watermark_blocks = watermark_blocks
-        self.retention_s = (_env_seconds("KVCACHED_PREFIX_RETENTION_S", 1.0)
+        self.retention_s = (_env_seconds("KVCACHED_PREFIX_RETENTION_S", DEFAULT_RETENTION_S)
                             if retention_s is None else retention_s)
         self._prefetched: list[int] = []
         self._prefetched_at = 0.0
         self._cached_free: dict[int, float] = {}  # block id -> when it became free with a prefix-cache hash
         self._need: int | None = None  # blocks the current allocate_slots call needs (None: not inside one)
         self._on_close = on_close
+        self._idle_since: float | None = None  # since when nothing but the null block is live
         self._closed = threading.Event()
         # The null block (id 0) pads block tables and is read by kernels: its page stays mapped for good.
         if not manager.claim([pool.null_block.block_id]):
@@ -177,6 +181,15 @@ class ElasticBlockPool:
             if self._prefetched and self._need is None and now - self._prefetched_at >= self.retention_s:
                 self.manager.free(self._prefetched)
                 self._prefetched = []
+            busy = bool(self._cached_free or self._prefetched) or self.manager.live_blocks() > 1
+        if busy:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= self.retention_s:
+            # Nothing but the null block has been live for a while: give the warm pages back now rather than
+            # after the allocator's own delay, so memory is back to idle soon after the load ends.
+            self.manager.trim()
 
     def _reclaim_loop(self) -> None:
         while not self._closed.wait(RECLAIM_TICK_S):
