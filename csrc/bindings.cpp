@@ -130,7 +130,8 @@ Reserved address space whose pages hold physical memory only while mapped.
 Region(size, page_size, backend="host", device=0, path=None, prefault=False)
 
 With ``path`` (a /dev/shm file) several processes share the committed-page state: one maps and unmaps,
-the others call ``sync()`` to make their view match.)doc")
+the others call ``sync()`` to make their view match. backend="state" opens a cuda region's file with no
+memory and no CUDA driver: map/unmap only record the decision, for a scheduler process.)doc")
       .def(py::init([](int64_t size, int64_t page_size, const std::string& backend, int device,
                        std::optional<std::string> path, bool prefault) {
              non_negative(size, "size");

@@ -52,7 +52,11 @@ std::shared_ptr<Region> Region::create(size_t size, size_t page_size, const std:
     if (prefault) throw std::invalid_argument("prefault applies to backend='host' only (cuda maps eagerly)");
     return make_cuda_region(size, page_size, device, path);
   }
-  throw std::invalid_argument("unknown backend '" + backend + "': use 'host' or 'cuda'");
+  if (backend == "state") {
+    if (prefault) throw std::invalid_argument("prefault applies to backend='host' only (a state region has no memory)");
+    return make_state_region(size, page_size, path);
+  }
+  throw std::invalid_argument("unknown backend '" + backend + "': use 'host', 'cuda' or 'state'");
 }
 
 Region::Region(size_t size, size_t page_size, int device, std::optional<std::string> path)

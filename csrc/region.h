@@ -1,6 +1,7 @@
 // Region: a reserved range of virtual addresses whose pages are backed by physical memory only while
 // committed. One interface, two backends (host: memfd/tmpfs file; cuda: driver VMM), in the manner of
-// PyTorch's ExpandableSegment: reserve, map and unmap in one small type with clear ownership.
+// PyTorch's ExpandableSegment: reserve, map and unmap in one small type with clear ownership. A third,
+// state-only kind (state_backend.cpp) lets a process without device memory decide for a cuda region.
 //
 // State lives in two places:
 //   * the shared state (SharedState): which pages are committed, agreed by every process on the path;
@@ -58,7 +59,7 @@ class Region {
   bool is_mapped(int64_t page) const;
   size_t num_mapped() const { return state_->num_mapped(); }
   // Applies the shared state to this process's view; returns the number of pages whose view changed.
-  size_t sync();
+  virtual size_t sync();
   virtual std::vector<int64_t> resident_pages() = 0;
   virtual size_t sweep() = 0;
   // Physical bytes this region holds for data right now, as the kernel/driver accounts them.
@@ -101,6 +102,7 @@ std::shared_ptr<Region> make_host_region(size_t size, size_t page_size, const st
                                          bool prefault);
 std::shared_ptr<Region> make_cuda_region(size_t size, size_t page_size, int device,
                                          const std::optional<std::string>& path);
+std::shared_ptr<Region> make_state_region(size_t size, size_t page_size, const std::optional<std::string>& path);
 
 size_t host_granularity();
 size_t cuda_granularity(int device);

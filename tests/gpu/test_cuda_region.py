@@ -136,3 +136,21 @@ def test_out_of_memory_raises_memory_error_and_rolls_back(gran: int) -> None:
     assert region.num_mapped == 0 and region.resident_pages() == []
     free_after, _ = _core.cuda_mem_info(0)
     assert free0 - free_after < 64 * MiB
+
+
+def test_state_region_in_a_scheduler_drives_a_cuda_worker(gran: int, tmp_path) -> None:
+    import os
+
+    path = f"/dev/shm/kvcached-gpu-state-{tmp_path.name}"
+    try:
+        worker = _core.Region(8 * gran, gran, backend="cuda", path=path)
+        scheduler = _core.Region(8 * gran, gran, backend="state", path=path)
+        free0, _ = _core.cuda_mem_info(0)
+        scheduler.map([1, 2, 3])
+        assert _core.cuda_mem_info(0)[0] >= free0 - gran  # deciding allocates nothing
+        assert worker.sync() == 3 and worker.resident_pages() == [1, 2, 3]
+        scheduler.unmap([2])
+        assert worker.sync() == 1 and worker.resident_pages() == [1, 3]
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)

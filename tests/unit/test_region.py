@@ -416,3 +416,25 @@ def _memfd_count() -> int:
         except OSError:
             continue
     return count
+
+
+def test_state_region_records_decisions_without_memory(shm_path: str) -> None:
+    scheduler = _core.Region(16 * MiB, PAGE, backend="state", path=shm_path)
+    other = _core.Region(16 * MiB, PAGE, backend="state", path=shm_path)
+    assert scheduler.backend == "state" and scheduler.address == 0
+    scheduler.map([0, 3])
+    assert other.num_mapped == 2 and other.is_mapped(3)
+    assert scheduler.sync() == 0 and scheduler.resident_pages() == [] and scheduler.backing_bytes == 0
+    assert os.stat(shm_path).st_size < PAGE  # the file holds the header only: no memory behind it
+    scheduler.unmap([0])
+    assert other.num_mapped == 1
+    with pytest.raises(ValueError, match="no memory"):
+        scheduler.dlpack()
+    with pytest.raises(ValueError, match="needs path"):
+        _core.Region(16 * MiB, PAGE, backend="state")
+
+
+def test_state_region_refuses_a_host_region_file(shm_path: str) -> None:
+    _core.Region(16 * MiB, PAGE, path=shm_path).close()
+    with pytest.raises(ValueError, match=shm_path):
+        _core.Region(16 * MiB, PAGE, backend="state", path=shm_path)
