@@ -120,24 +120,36 @@ def run(cmd: list[str], grace: float = DEFAULT_GRACE_S) -> int:
     try:
         child = subprocess.Popen(cmd, process_group=0, preexec_fn=_child_preexec)
     except FileNotFoundError as e:
-        print(f"kvlab.launcher: cannot run {cmd[0]!r}: {e}", file=sys.stderr, flush=True)
+        _say(f"cannot run {cmd[0]!r}: {e}")
         return 127
-    while True:
-        try:
-            returncode = child.wait(timeout=POLL_S)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        if not stop_reason and os.getppid() != original_parent:
-            stop_reason.append("parent died")
-        if stop_reason:
-            print(f"kvlab.launcher: stopping {child.pid} ({stop_reason[0]})", file=sys.stderr, flush=True)
+    returncode: int | None = None
+    try:
+        while returncode is None:
+            try:
+                returncode = child.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            if returncode is None and not stop_reason and os.getppid() != original_parent:
+                stop_reason.append("parent died")
+            if returncode is None and stop_reason:
+                _say(f"stopping {child.pid} ({stop_reason[0]})")
+                break
+    finally:
+        # Reached on a stop request, when the command exits by itself (whatever it left in its group must
+        # not linger), and on any error in this loop: the group never outlives the launcher.
+        if returncode is None or _group_alive(child.pid):
             terminate(child, grace)
-            return _exit_status(child.returncode if child.returncode is not None else -signal.SIGTERM)
-    # The command exited by itself: whatever it left in its group must not linger.
-    if _group_alive(child.pid):
-        terminate(child, grace)
+    if returncode is None:
+        returncode = child.returncode if child.returncode is not None else -signal.SIGTERM
     return _exit_status(returncode)
+
+
+def _say(message: str) -> None:
+    """Report on stderr, which may be a pipe whose reader is gone: that must not stop the clean-up."""
+    try:
+        print(f"kvlab.launcher: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _exit_status(returncode: int) -> int:

@@ -50,8 +50,10 @@ def tree_of(pid: int, size: int, timeout: float = 10) -> list[int]:
 def test_sigterm_stops_the_whole_group_and_reports_it():
     launcher = subprocess.Popen([sys.executable, "-m", "kvlab.launcher", "--grace", "2", "--", *TREE],
                                 start_new_session=True, stderr=subprocess.PIPE, text=True)
-    tree = tree_of(launcher.pid, 4)
-    launcher.send_signal(signal.SIGTERM)
+    try:
+        tree = tree_of(launcher.pid, 4)
+    finally:
+        launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=10) == 128 + signal.SIGTERM
     assert wait_gone(tree, 5) == []
     assert "stopping" in launcher.stderr.read()
@@ -61,17 +63,21 @@ def test_the_tree_dies_when_the_launching_process_is_sigkilled(tmp_path):
     parent_script = tmp_path / "parent.py"
     parent_script.write_text(textwrap.dedent(f"""
         import json, subprocess, sys, time
+        # stderr to a pipe that dies with this process: the launcher's report must not break its clean-up.
         launcher = subprocess.Popen([sys.executable, "-m", "kvlab.launcher", "--grace", "2", "--", *{TREE!r}],
-                                    start_new_session=True)
+                                    start_new_session=True, stderr=subprocess.PIPE)
         print(launcher.pid, flush=True)
         time.sleep(300)
     """))
     parent = subprocess.Popen([sys.executable, str(parent_script)], stdout=subprocess.PIPE, text=True)
-    launcher_pid = int(parent.stdout.readline())
-    tree = [launcher_pid, *tree_of(launcher_pid, 4)]
-    os.kill(parent.pid, signal.SIGKILL)
-    parent.wait()
-    assert wait_gone(tree, 10) == [], "processes outlived their launching parent"
+    try:
+        launcher_pid = int(parent.stdout.readline())
+        tree = [launcher_pid, *tree_of(launcher_pid, 4)]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert wait_gone(tree, 10) == [], "processes outlived their launching parent"
+    finally:
+        parent.kill()  # a failed test must not leave its parent (and so the tree) running
 
 
 def test_exit_code_of_the_command_is_passed_through():
