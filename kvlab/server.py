@@ -240,7 +240,12 @@ class VLLMServer:
         self._started_at = time.monotonic()
         self._finalizer = weakref.finalize(self, _kill_tree, self._launcher, 30.0)
         if wait:
-            self.wait_ready(self.startup_timeout)
+            try:
+                self.wait_ready(self.startup_timeout)
+            except BaseException:
+                # A failed or interrupted (Ctrl-C) start-up must not leave a half-started server behind.
+                self.stop(timeout=10)
+                raise
         return self
 
     def read_log(self) -> str:
@@ -270,7 +275,8 @@ class VLLMServer:
         timeout = self.startup_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         bar = tqdm(desc=f"starting {self.name}", bar_format="{desc} [{elapsed}] {postfix}",
-                   disable=not self.progress, leave=False)
+                   disable=not self.progress, leave=False, mininterval=1.0)
+        status = ""
         try:
             while True:
                 if self._launcher.poll() is not None:
@@ -281,7 +287,9 @@ class VLLMServer:
                     err = self._died(f"not ready after {timeout:.0f} s")
                     self.stop()
                     raise err
-                bar.set_postfix_str(self._status_line(), refresh=False)
+                if self.progress and (line := self._status_line()) != status:
+                    status = line
+                    bar.set_postfix_str(status, refresh=False)
                 bar.update(0)
                 time.sleep(0.5)
         finally:
