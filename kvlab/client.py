@@ -34,6 +34,15 @@ def root_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+class HTTPStatusError(RuntimeError):
+    """The server answered with an error status; `status` and the start of the body are kept."""
+
+    def __init__(self, url: str, status: int, body: str) -> None:
+        super().__init__(f"POST {url} failed with HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
 def get_json(url: str, timeout: float = 10.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.load(resp)
@@ -46,8 +55,7 @@ def post_json(url: str, payload: dict, timeout: float = 300.0) -> Any:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.load(resp)
     except urllib.error.HTTPError as e:
-        body = e.read().decode(errors="replace")[:2000]
-        raise RuntimeError(f"POST {url} failed with HTTP {e.code}: {body}") from None
+        raise HTTPStatusError(url, e.code, e.read().decode(errors="replace")[:2000]) from None
 
 
 def is_ready(url: str, timeout: float = 2.0) -> bool:

@@ -49,6 +49,12 @@ _RULES: list[tuple[re.Pattern[str], Diagnosis]] = [
      Diagnosis("model not found",
                "check the model path or name; offline, generate the tiny model with "
                "`kvlab tiny-model .cache/models/tiny-llama` (HF_HUB_OFFLINE=1 forbids downloads)")),
+    # After the specific causes: an engine death whose root cause is not in the log (killed from outside,
+    # typically by the kernel's OOM killer).
+    (re.compile(r"EngineDeadError|EngineCore encountered an issue|died unexpectedly"),
+     Diagnosis("the engine process (EngineCore or a worker) died",
+               "look above in the log for its root cause; if none, it was killed from outside (`dmesg` shows "
+               "the OOM killer): lower kv_cache_gib or run fewer servers")),
     # Last: vLLM only warns when a plugin fails, so this explains a death only when nothing else does.
     (re.compile(r"Failed to load plugin kvcached"),
      Diagnosis("the kvcached vLLM plugin failed to import",

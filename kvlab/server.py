@@ -323,8 +323,8 @@ class VLLMServer:
         """One completion; ServerError (with the cause) if the server has died."""
         try:
             return client.complete(self.url, self.model_name, prompt, max_tokens, temperature)
-        except OSError:
-            self.check()
+        except (OSError, client.HTTPStatusError) as e:
+            self._raise_if_dying(e)
             raise
 
     def chat(self, messages: Sequence[dict] | str, max_tokens: int = 16, temperature: float = 0.0) -> str:
@@ -333,6 +333,17 @@ class VLLMServer:
             messages = [{"role": "user", "content": messages}]
         try:
             return client.chat(self.url, self.model_name, messages, max_tokens, temperature)
-        except OSError:
-            self.check()
+        except (OSError, client.HTTPStatusError) as e:
+            self._raise_if_dying(e)
             raise
+
+    def _raise_if_dying(self, error: Exception, grace: float = 10.0) -> None:
+        """After a failed request: if the server exits within `grace` s (vLLM answers 500, then shuts down
+        when its engine died), raise ServerError with the log's cause instead of the bare HTTP error."""
+        if self._launcher is None or (isinstance(error, client.HTTPStatusError) and error.status < 500):
+            return  # the request was at fault, not the server
+        try:
+            self._launcher.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return
+        raise self._died("died")

@@ -94,6 +94,21 @@ def test_stop_leaves_no_process_and_is_idempotent(start_server):
     server.stop()  # a second stop is a no-op
 
 
+def test_engine_death_is_a_server_error_naming_it(start_server):
+    server = start_server(name="engine-dies")
+    server.complete("warm up", max_tokens=2)
+    engine = [p for p in server.pids() if "EngineCore" in psutil.Process(p).name()]
+    assert engine, "no EngineCore process found"
+    os.kill(engine[0], signal.SIGKILL)  # as the kernel's OOM killer would
+    with pytest.raises(ServerError) as info:
+        server.complete("Hello", max_tokens=4)
+    assert info.value.cause == "the engine process (EngineCore or a worker) died"
+    assert "EngineDeadError" in info.value.tail
+    pids = server.pids(include_launcher=True)
+    server.stop()
+    assert wait_gone(pids, 5) == []
+
+
 def test_no_orphans_when_the_launching_process_is_sigkilled(tiny_model_dir: Path, tmp_path: Path):
     script = tmp_path / "launch.py"
     script.write_text(textwrap.dedent(f"""
