@@ -90,3 +90,32 @@ def test_a_missing_command_says_so():
     out = subprocess.run([sys.executable, "-m", "kvlab.launcher", "--", "no-such-command-kvlab"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 127 and "cannot run 'no-such-command-kvlab'" in out.stderr
+
+
+def test_the_tree_survives_the_exit_of_the_launching_thread(tmp_path):
+    # PR_SET_PDEATHSIG fires when the launching *thread* exits; a server started from a worker thread
+    # must live on while its process does.
+    parent_script = tmp_path / "threaded_parent.py"
+    parent_script.write_text(textwrap.dedent(f"""
+        import subprocess, sys, threading, time
+        def launch():
+            launcher = subprocess.Popen([sys.executable, "-m", "kvlab.launcher", "--grace", "2", "--",
+                                         *{TREE!r}], start_new_session=True)
+            print(launcher.pid, flush=True)
+        t = threading.Thread(target=launch)
+        t.start(); t.join()
+        print("thread gone", flush=True)
+        time.sleep(300)
+    """))
+    parent = subprocess.Popen([sys.executable, str(parent_script)], stdout=subprocess.PIPE, text=True)
+    try:
+        launcher_pid = int(parent.stdout.readline())
+        tree = [launcher_pid, *tree_of(launcher_pid, 4)]
+        assert parent.stdout.readline().strip() == "thread gone"
+        time.sleep(1.0)  # several of the launcher's polls
+        assert live(tree) == tree, "the launcher stopped when only its launching thread exited"
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert wait_gone(tree, 10) == []
+    finally:
+        parent.kill()
