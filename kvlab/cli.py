@@ -13,6 +13,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "kvlab.commands.tiny_model",
     "kvlab.commands.bench",
+    "kvlab.commands.load",
 ]
 
 

@@ -1,0 +1,98 @@
+"""`kvlab load`: drive an OpenAI-compatible server with an open-loop workload; write requests.csv and summary.json."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from kvlab.arrivals import add_arrival_arguments
+
+    p = sub.add_parser("load", help="run a workload against a server; write requests.csv and summary.json",
+                       description=__doc__)
+    p.add_argument("--url", required=True, help="server root URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", help="model name to request (default: the first one the server lists)")
+    p.add_argument("--duration", type=float,
+                   help="seconds of sending (required unless the arrivals end by themselves: trace, "
+                        "bursts with --burst-count)")
+    add_arrival_arguments(p)
+    g = p.add_argument_group("requests")
+    g.add_argument("--prompt-tokens", type=int, default=128,
+                   help="synthetic prompts of exactly N tokens, fitted with the server's /tokenize (default 128)")
+    g.add_argument("--prompts-file", help="JSONL ({\"prompt\": ...} per line) or text file, one prompt per line")
+    g.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="stream tokens (needed for TTFT/ITL; default on)")
+    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate exactly --max-tokens (default on)")
+    g.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    g.add_argument("--concurrency", type=int, help="cap on requests in flight (default: none, pure open loop)")
+    g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--series", help="series name in the records (default: the model name)")
+    s = p.add_argument_group("SLOs for goodput (seconds)")
+    s.add_argument("--slo-ttft", type=float)
+    s.add_argument("--slo-tpot", type=float)
+    s.add_argument("--slo-e2e", type=float)
+    p.add_argument("--out", required=True, help="output directory (created if needed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kvlab load: {summary['requests_ok']} ok, {summary['requests_failed']} failed")
+    table.add_column("metric")
+    table.add_column("p50", justify="right")
+    table.add_column("p99", justify="right")
+    for key, label in (("ttft", "TTFT ms"), ("tpot", "TPOT ms"), ("itl", "ITL ms"), ("latency", "e2e ms")):
+        cells = [summary.get(f"{key}_p{q}_s") for q in (50, 99)]
+        table.add_row(label, *("-" if v is None else f"{v * 1e3:.1f}" for v in cells))
+    Console().print(table)
+    rate, tps, goodput = summary["request_rate"], summary["output_tokens_per_s"], summary["goodput"]
+    print(f"request rate {rate or 0:.2f}/s, output {tps or 0:.1f} tok/s"
+          + (f", goodput {goodput:.2f}/s" if goodput is not None else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from kvlab.arrivals import spec_from_args
+    from kvlab.client import served_model
+    from kvlab.metrics import SLO, append_requests_csv, summarize
+    from kvlab.prompts import TokenizeUnavailable
+    from kvlab.workload import Target, run_workload
+
+    try:
+        spec = spec_from_args(args)
+        model = args.model or served_model(args.url)
+        prompts = Path(args.prompts_file) if args.prompts_file else args.prompt_tokens
+        target = Target(args.url, model, spec, prompts, max_tokens=args.max_tokens, stream=args.stream,
+                        ignore_eos=args.ignore_eos, series=args.series, endpoint=args.endpoint)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        csv_path = out / "requests.csv"
+        csv_path.write_text("")  # a fresh file: rows are appended as requests finish
+        records = run_workload(target, args.duration, seed=args.seed, concurrency=args.concurrency,
+                               on_record=lambda rec: append_requests_csv(rec, csv_path),
+                               progress=not args.no_progress, request_timeout_s=args.timeout)
+    except (ValueError, FileNotFoundError, TokenizeUnavailable, OSError, RuntimeError) as e:
+        print(f"kvlab load: {e}", file=sys.stderr)
+        return 2
+    slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot, e2e_s=args.slo_e2e)
+    summary = summarize(records, slo)
+    summary.update(t0_monotonic_s=records.t0_s, t0_epoch_s=records.t0_epoch_s, url=args.url, model=model,
+                   arrival=asdict(spec), seed=args.seed, max_tokens=args.max_tokens, stream=args.stream,
+                   prompts=str(args.prompts_file) if args.prompts_file else {"tokens": args.prompt_tokens})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+        print(f"wrote {csv_path} and {out / 'summary.json'}")
+    return 0 if summary["requests_ok"] > 0 or not records else 1
