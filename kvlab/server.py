@@ -190,8 +190,9 @@ class VLLMServer:
                "--host", self.host, "--port", str(self.port)]
         if self.enforce_eager and "--enforce-eager" not in self.args:
             cmd.append("--enforce-eager")
-        if self.kv_cache_gib is not None and not float(self.kv_cache_gib).is_integer():
-            # VLLM_CPU_KVCACHE_SPACE takes whole GiB only (vLLM parses it with int()).
+        if self.kv_cache_gib is not None:
+            # The flag works on every platform and takes fractions; VLLM_CPU_KVCACHE_SPACE (set too, for
+            # whole GiB, see environment()) is CPU-only and whole GiB only.
             cmd += ["--kv-cache-memory-bytes", str(int(self.kv_cache_gib * GiB))]
         return cmd + self.args
 
@@ -206,7 +207,7 @@ class VLLMServer:
             if float(self.kv_cache_gib).is_integer():
                 env["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_gib))
             else:
-                env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override --kv-cache-memory-bytes
+                env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM-CPU would let it override the flag
         if self.kvcached:
             env["ENABLE_KVCACHED"] = "true"
             if self.ipc_name is None:

@@ -33,12 +33,13 @@ def test_static_server_command_and_environment(tmp_path):
     assert cmd[cmd.index("--port") + 1] == "8123" and "--enforce-eager" in cmd
     assert cmd[-2:] == ["--max-model-len", "1024"]
     env = server.environment()
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(2 * GiB)
     assert env["ENABLE_KVCACHED"] == "false" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["HF_HUB_OFFLINE"] == "1"  # a local directory is served offline
     assert server.url == "http://127.0.0.1:8123" and server.base_url.endswith(":8123/v1")
 
 
-def test_fractional_kv_cache_goes_through_bytes_because_the_env_var_takes_whole_gib(monkeypatch):
+def test_fractional_kv_cache_goes_through_bytes_only_because_the_env_var_takes_whole_gib(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     server = VLLMServer("some/model", kv_cache_gib=0.5)
     cmd = server.command()
