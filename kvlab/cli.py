@@ -14,6 +14,8 @@ SUBCOMMAND_MODULES = [
     "kvlab.commands.tiny_model",
     "kvlab.commands.bench",
     "kvlab.commands.load",
+    "kvlab.commands.serve",
+    "kvlab.commands.router",
 ]
 
 

@@ -1,0 +1,154 @@
+"""`kvlab serve --config FILE`: start every engine of a fleet file, then the router, in one supervised process.
+
+Ctrl-C or SIGTERM stops the router and every engine. `kvlab serve status [--router URL]` prints the fleet's
+state from the router's endpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+class _Shutdown(Exception):
+    """SIGTERM while the engines start: unwind through the same cleanup as Ctrl-C."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start a fleet's engines and its router together (or: serve status)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", nargs="?", choices=["status"], help="status: print the running fleet's state")
+    p.add_argument("--config", metavar="FILE", help="fleet YAML (examples/fleet-tiny.yaml)")
+    p.add_argument("--log-dir", default=None,
+                   help="one log per engine here (default .cache/kvlab/serve/<time>-<pid>)")
+    p.add_argument("--port", type=int, default=None, help="router port (default: router.router_port)")
+    p.add_argument("--host", default=None, help="router bind address (default: router.router_host)")
+    p.add_argument("--router", default=None, metavar="URL", help="status: the router (default from --config, "
+                   "else http://127.0.0.1:8080)")
+    p.add_argument("--json", action="store_true", help="status: print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        return status(args)
+    if not args.config:
+        print("kvlab serve: --config FILE is required (examples/fleet-tiny.yaml is a start)", file=sys.stderr)
+        return 2
+    return serve(args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from kvlab.errors import ServerError
+    from kvlab.fleet import Fleet
+    from kvlab.fleet_config import FleetConfigError, load_fleet_config
+    from kvlab.router.runner import build_router, run_router, share_shm_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config = load_fleet_config(args.config, check_ports=True)
+    except FleetConfigError as e:
+        print(f"kvlab serve: {e}", file=sys.stderr)
+        return 2
+    host = args.host or config.router.router_host
+    port = args.port or config.router.router_port
+    log_dir = Path(args.log_dir or Path(".cache") / "kvlab" / "serve" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(config, log_dir, progress=sys.stderr.isatty())
+    router = build_router(config, fleet.backends()) if config.router.enable_router else None
+    if router:
+        router.check_bind(host)  # before minutes of engine start-up, not after
+
+    def on_term(signum: int, frame: object) -> None:
+        raise _Shutdown()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        try:
+            fleet.check()
+            print(f"kvlab serve: starting {len(fleet.instances)} engine(s), logs in {log_dir}", flush=True)
+            fleet.start()
+        except FleetConfigError as e:
+            print(f"kvlab serve: {e}", file=sys.stderr)
+            return 2
+        except ServerError as e:
+            print(f"kvlab serve: {e}", file=sys.stderr)
+            return 1
+        state = {"router": f"http://{host}:{port}" if router else None, "pid": os.getpid(),
+                 "instances": [{"name": i.inst.name, "model": i.inst.served_model_name, "url": i.url,
+                                "log": str(log_dir / f"{i.inst.name}.log")} for i in fleet.instances]}
+        (log_dir / "fleet.json").write_text(json.dumps(state, indent=2))
+        for inst in state["instances"]:
+            print(f"kvlab serve: {inst['name']} ({inst['model']}) ready at {inst['url']}", flush=True)
+        if router:  # from here the router's event loop handles SIGTERM and SIGINT
+            share_shm_dir(config)
+            print(f"kvlab serve: router on http://{host}:{port}", flush=True)
+            run_router(router, host, port)
+        else:
+            _wait_for_signal()
+    except (_Shutdown, KeyboardInterrupt):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, on_term)  # a second SIGTERM must not cut the engines' shutdown short
+        print("kvlab serve: stopping the engines", flush=True)
+        fleet.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _wait_for_signal() -> None:
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    while not received:
+        signal.pause()
+
+
+def _get(url: str) -> object:
+    from kvlab.client import get_json
+
+    return get_json(url, timeout=10)
+
+
+def status(args: argparse.Namespace) -> int:
+    url = args.router
+    if url is None and args.config:
+        from kvlab.fleet_config import load_fleet_config
+
+        config = load_fleet_config(args.config, check_ports=False)
+        url = f"http://{config.router.router_host}:{config.router.router_port}"
+    url = (url or "http://127.0.0.1:8080").rstrip("/")
+    try:
+        state = {"router": url, "health": _get(url + "/health/all"), "sleep": _get(url + "/sleep/status"),
+                 "traffic": _get(url + "/traffic/stats")}
+    except OSError as e:
+        print(f"kvlab serve status: no router answers at {url} ({e}): is `kvlab serve` running? "
+              "pass --router URL or --config FILE", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fleet behind {url}")
+    for col in ("model", "instance", "health", "sleep", "level", "requests", "failed", "idle s", "freed MB",
+                "last wake s"):
+        table.add_column(col)
+    for model, health in state["health"]["models"].items():
+        sleep = state["sleep"]["models"].get(model, {})
+        traffic = state["traffic"]["traffic_stats"].get(model, {})
+        last_sleep, last_wake = sleep.get("last_sleep") or {}, sleep.get("last_wake") or {}
+        table.add_row(model, health["name"], health["status"], sleep.get("state", "?"), sleep.get("level", "?"),
+                      str(traffic.get("total_requests", 0)), str(traffic.get("failed_requests", 0)),
+                      f"{traffic.get('idle_time_seconds', 0):.0f}",
+                      f"{last_sleep['freed_bytes'] / 1e6:.0f}" if "freed_bytes" in last_sleep else "-",
+                      f"{last_wake['wake_seconds']:.3f}" if "wake_seconds" in last_wake else "-")
+    Console().print(table)
+    return 0
