@@ -7,6 +7,7 @@ import importlib
 # Each benchmark module in kvlab/bench/ has `add_arguments(parser)` and `run(args) -> int`.
 BENCHMARKS = {
     "alloc": ("kvlab.bench.alloc", "map/unmap µs per 2 MiB page vs first-touch memset"),
+    "sampler": ("kvlab.bench.sampler", "CPU share of one core for 100 Hz memory sampling of a process tree"),
 }
 
 

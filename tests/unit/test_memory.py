@@ -276,3 +276,21 @@ def test_one_failing_probe_does_not_stop_the_others(tmp_path: Path) -> None:
         assert calls.wait(5)
     assert sampler.errors and "boom" in sampler.errors[0]
     assert all(s.series == "fine" for s in sampler.samples())
+
+
+def test_status_reader_keeps_descriptors_and_drops_dead_processes() -> None:
+    from kvlab.memory import StatusReader, read_status
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    reader = StatusReader()
+    try:
+        first = reader(proc.pid)
+        assert first is not None and first.keys() >= {"anon", "file", "shmem"}
+        assert reader(proc.pid)["anon"] > 0  # re-read through the kept descriptor
+        assert read_status(proc.pid) is not None
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    assert reader(proc.pid) is None  # the descriptor of a dead process reads nothing: never another process
+    assert read_status(proc.pid) is None
+    reader.close()
