@@ -1,0 +1,96 @@
+"""The `kv` sleep level on a real kvcached budget record: limit 0 on sleep, the old limit back on wake, freed bytes
+measured. The engine's part (giving pages back when its limit drops) is played by a fake engine loop here;
+the server tier checks it against real vLLM."""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from kvcached.budget import BudgetRecord, find_instance
+from kvcached_testing import shm_dir  # noqa: F401
+from kvlab.bench.noop_backend import start_noop_backend
+from kvlab.fleet_config import SleepSettings
+from kvlab.router.backends import Backend
+from kvlab.router.sleep import KVLevel, SleepManager, StopLevel, default_sleep_level, measure_memory
+from kvlab.router.traffic import TrafficMonitor
+from kvlab.server import free_port
+
+MiB = 1 << 20
+
+
+async def fake_engine_gives_pages_back(record: BudgetRecord, stop: asyncio.Event) -> None:
+    """Fake engine: what kvcached's allocator does when its limit falls below what it holds."""
+    while not stop.is_set():
+        if record.reserved_bytes > record.limit_bytes:
+            record.release(record.reserved_bytes - max(record.limit_bytes, 2 * MiB))  # keeps one null page
+        await asyncio.sleep(0.02)
+
+
+def test_kv_level_zeroes_the_limit_and_restores_it(shm_dir):
+    async def scenario():
+        record = BudgetRecord.create(512 * MiB, name="tiny-kvcached-ab12cd", page_bytes=2 * MiB, limit_bytes=256 * MiB)
+        assert record.try_reserve(64 * MiB, pages=32)
+        port = free_port()
+        runner, _ = await start_noop_backend("127.0.0.1", port, "m", kv_instance="tiny-kvcached-ab12cd")
+        stop = asyncio.Event()
+        engine = asyncio.create_task(fake_engine_gives_pages_back(record, stop))
+        backend = Backend("tiny-kvcached", "m", f"http://127.0.0.1:{port}", kvcached=True)
+        async with aiohttp.ClientSession() as session:
+            manager = SleepManager({"m": backend}, TrafficMonitor(), SleepSettings(), session=lambda: session,
+                                   gpu=False)
+            assert manager.status()["models"]["m"]["level"] == "kv"
+            entry = await manager.sleep("m")
+            assert find_instance(record.name).limit_bytes == 0
+            assert entry["freed_kv_bytes"] == 62 * MiB and entry["level"] == "kv"
+            last = manager.status()["models"]["m"]["last_sleep"]
+            assert last["memory_before"]["kv_reserved_bytes"] == 64 * MiB
+            assert last["memory_after"]["kv_reserved_bytes"] == 2 * MiB
+            woke = await manager.wake("m")
+            assert woke["woken"] and find_instance(record.name).limit_bytes == 256 * MiB
+        stop.set()
+        await engine
+        await runner.cleanup()
+        record.close()
+    asyncio.run(scenario())
+
+
+def test_kv_level_without_kvcached_names_the_fix(shm_dir):
+    async def scenario():
+        port = free_port()
+        runner, _ = await start_noop_backend("127.0.0.1", port, "m")  # no kvcached stats
+        backend = Backend("plain", "m", f"http://127.0.0.1:{port}", kvcached=True)
+        async with aiohttp.ClientSession() as session:
+            manager = SleepManager({"m": backend}, TrafficMonitor(), SleepSettings(), session=lambda: session,
+                                   gpu=False)
+            try:
+                await manager.sleep("m")
+                raise AssertionError("sleep should have failed")
+            except Exception as e:
+                assert "ENABLE_KVCACHED=true" in str(e)
+            assert manager.state("m") == "awake"
+        await runner.cleanup()
+    asyncio.run(scenario())
+
+
+def test_default_levels_per_device():
+    kv = Backend("a", "a", "http://x:1", kvcached=True)
+    plain = Backend("b", "b", "http://x:2")
+    gpu_sleep = Backend("c", "c", "http://x:3", kvcached=True, sleep_mode=True)
+    assert default_sleep_level(kv, gpu=False) == "kv"
+    assert default_sleep_level(plain, gpu=False) == "stop"
+    assert default_sleep_level(gpu_sleep, gpu=False) == "kv"
+    assert default_sleep_level(gpu_sleep, gpu=True) == "engine"
+    assert "kvlab serve" in StopLevel(plain).unavailable_reason()
+    assert "ENABLE_KVCACHED" in KVLevel(plain, lambda: None).unavailable_reason()
+
+
+def test_memory_probe_reads_this_process_tree():
+    import os
+
+    class Me:
+        def pids(self) -> list[int]:
+            return [os.getpid()]
+
+    out = measure_memory(Backend("me", "me", "http://127.0.0.1:1", process=Me()), None)
+    assert out["pids"] == 1 and out["pss_bytes"] > 0 and out["rss_bytes"] >= out["pss_bytes"]
