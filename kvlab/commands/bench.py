@@ -8,6 +8,7 @@ import importlib
 BENCHMARKS = {
     "alloc": ("kvlab.bench.alloc", "map/unmap µs per 2 MiB page vs first-touch memset"),
     "sampler": ("kvlab.bench.sampler", "CPU share of one core for 100 Hz memory sampling of a process tree"),
+    "router": ("kvlab.bench.router", "router overhead ms (TTFT, e2e) vs direct; sleep levels: freed memory, wake s"),
 }
 
 

@@ -357,6 +357,13 @@ class SleepManager:
         self._states = {model: _ModelSleep(level=levels[model]) for model in backends}
         self._task: asyncio.Task | None = None
 
+    def set_level(self, model: str, level: SleepLevel) -> None:
+        """Change how a model sleeps (benchmarks compare levels on one engine); only while it is awake."""
+        st = self._states[model]
+        if st.state != AWAKE:
+            raise SleepError(f"{model!r} is {st.state}: wake it before changing its sleep level")
+        st.level = level
+
     # ---- the request gate ------------------------------------------------------------------------------
     def state(self, model: str) -> str:
         return self._states[model].state
