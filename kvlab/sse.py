@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 DONE = "[DONE]"
+_LINE_BREAK = re.compile("\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -82,19 +84,10 @@ class SSEParser:
             text = text[1:]
         self._after_cr = text.endswith("\r")
         events: list[SSEEvent] = []
-        buf = self._line + text
-        start = 0
-        n = len(buf)
-        i = 0
-        while i < n:
-            c = buf[i]
-            if c == "\n" or c == "\r":
-                events.extend(self._process_line(buf[start:i]))
-                if c == "\r" and i + 1 < n and buf[i + 1] == "\n":
-                    i += 1
-                start = i + 1
-            i += 1
-        self._line = buf[start:]
+        lines = _LINE_BREAK.split(self._line + text)
+        self._line = lines.pop()  # the text after the last line break is an unfinished line
+        for line in lines:
+            events.extend(self._process_line(line))
         return events
 
     def _process_line(self, line: str) -> list[SSEEvent]:
