@@ -73,13 +73,13 @@ async def _overhead(direct: str, routed: str, model: str, n: int, max_tokens: in
 
 
 def _wait_http(url: str, timeout: float = 30) -> None:
-    from kvlab.client import get_json
+    import urllib.request
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            get_json(url, timeout=1)
-            return
+            with urllib.request.urlopen(url, timeout=1):
+                return
         except OSError:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
