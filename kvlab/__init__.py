@@ -19,6 +19,10 @@ _EXPORTS = {
     "wait_ready": "kvlab.client",
     "TinyModelSpec": "kvlab.tiny_model",
     "write_tiny_model": "kvlab.tiny_model",
+    "ArrivalSpec": "kvlab.arrivals",
+    "Target": "kvlab.workload",
+    "run_workload": "kvlab.workload",
+    "summarize": "kvlab.metrics",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -28,6 +32,9 @@ if TYPE_CHECKING:
     from kvlab.colocation import Colocation
     from kvlab.errors import ServerError, diagnose
     from kvlab.server import VLLMServer
+    from kvlab.arrivals import ArrivalSpec
+    from kvlab.workload import Target, run_workload
+    from kvlab.metrics import summarize
     from kvlab.tiny_model import TinyModelSpec, write_tiny_model
 
 
