@@ -132,14 +132,17 @@ def test_vllm_allocate_kv_cache_views_land_in_a_region(shm_dir):
         region.close()
 
 
-@pytest.fixture
-def elastic_pool(shm_dir):
-    """A real vLLM BlockPool with the kvcached patches and a manager over a real host region."""
+@pytest.fixture(params=["host", "state"])
+def elastic_pool(request, shm_dir):
+    """A real vLLM BlockPool with the kvcached patches and a manager over a real region: `host` is what a
+    vLLM-CPU scheduler uses; `state` is what a GPU scheduler uses (its workers map the pages on the device)."""
     from vllm.v1.core import block_pool as block_pool_module
 
     vllm_patches._patch_block_pool(block_pool_module)  # idempotent; a pool without `_kvcached` is untouched
     layout = KVLayout(num_blocks=64, block_bytes=16 * 1024, num_layers=2, page_size=64 * 1024)
-    region = _core.Region(layout.region_size, layout.page_size, backend="host")
+    os.makedirs(shm_dir, exist_ok=True)
+    path = os.path.join(shm_dir, f"pool-{request.param}") if request.param == "state" else None
+    region = _core.Region(layout.region_size, layout.page_size, backend=request.param, path=path)
     record = BudgetRecord.create(layout.num_logical_pages * layout.logical_page_bytes, name="pool",
                                  page_bytes=layout.logical_page_bytes)
     manager = KVCacheManager(layout, region, record, reserve_pages=0, reclaim_delay_s=0.05)
