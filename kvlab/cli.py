@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = [
     "kvlab.commands.load",
     "kvlab.commands.serve",
     "kvlab.commands.router",
+    "kvlab.commands.run",
 ]
 
 
