@@ -295,19 +295,17 @@ async def _send(session: Any, target: Target, item: _Planned, rec: RequestRecord
             rec.status, rec.error = "error", f"{type(e).__name__}: {e}"[:500]
 
 
-# Event-loop timers are only as precise as the loop's clock: asyncio's epoll waits in whole milliseconds
-# (late by up to 1 ms), uvloop's libuv timers tick in milliseconds (early by up to 1 ms). So sleep to within
-# SPIN_S of the send time, then yield to the loop (which keeps serving responses) until the time has come:
-# never early, and late by one loop iteration at most.
-SPIN_S = 0.0015
-
-
+# Event-loop timers are only as precise as the loop's clock: asyncio's epoll waits whole milliseconds
+# (late by up to 1 ms), uvloop's libuv timers tick in milliseconds (early by up to 1 ms). Sleeping again
+# for what is left makes a send never early. Spinning out the last millisecond would cut lateness on an
+# idle machine, but on a shared one (measured here: 2 busy cores) the burnt CPU got the client preempted
+# and made p99 send errors worse, so the loop only sleeps.
 async def _sleep_until(when: float) -> None:
     while True:
         delay = when - now()
         if delay <= 0:
             return
-        await asyncio.sleep(delay - SPIN_S if delay > SPIN_S else 0)
+        await asyncio.sleep(delay)
 
 
 async def arun_workload(targets: Sequence[Target], duration_s: float | None, *, seed: int = 0,
