@@ -1,0 +1,53 @@
+"""The figures elastic_vs_static derives: decode speed over busy time, time back to idle, the bench verdicts."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from kvlab.bench.elastic import result_from_summary
+from kvlab.experiments import decode_tokens_per_s, resolve_device, time_back_to_idle
+from kvlab.memory import MEM_BYTES
+from kvlab.workload import RequestRecord
+
+
+def _rec(first: float, end: float, tokens: int, status: str = "ok") -> RequestRecord:
+    return RequestRecord(series="s", model="m", url="u", request_id=f"{first}-{end}", scheduled_s=first - 0.1,
+                         send_s=first - 0.1, first_token_s=first, end_s=end, output_tokens=tokens, status=status)
+
+
+def test_decode_speed_counts_only_busy_time() -> None:
+    # Two overlapping requests (busy 0..3) and one alone (10..11): 4 s busy, the 7 s gap does not count.
+    recs = [_rec(0, 2, 11), _rec(1, 3, 11), _rec(10, 11, 21), _rec(4, 5, 100, status="error")]
+    assert decode_tokens_per_s(recs) == pytest.approx((10 + 10 + 20) / 4.0)
+    assert decode_tokens_per_s([]) is None
+
+
+def _timeline(values: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"t_s": [float(i) for i in range(len(values))], "series": "kv", "metric": MEM_BYTES,
+                         "value": values})
+
+
+def test_time_back_to_idle() -> None:
+    mem = _timeline([100, 100, 500, 500, 400, 105, 101, 140, 100, 100])
+    # After t=2: above 100+10 until t=7 (140), back for good at t=8.
+    assert time_back_to_idle(mem, "kv", MEM_BYTES, 2.0, 100.0, 10.0) == 6.0
+    assert time_back_to_idle(mem, "kv", MEM_BYTES, 8.0, 100.0, 10.0) == 0.0  # never left after that
+    assert time_back_to_idle(_timeline([100, 500, 500]), "kv", MEM_BYTES, 0.0, 100.0, 10.0) is None
+    assert time_back_to_idle(mem, "other", MEM_BYTES, 0.0, 100.0, 10.0) is None
+
+
+def test_bench_verdicts_from_a_summary() -> None:
+    summary = {"status": "ok", "series": {
+        "static": {"idle_mem_mb": 3900.0, "decode_tokens_per_s": 100.0, "requests_ok": 8, "requests_failed": 0},
+        "kvcached": {"idle_mem_mb": 1900.0, "decode_tokens_per_s": 99.0, "back_to_idle_s": 0.4,
+                     "idle_kv_share": 0.0, "requests_ok": 8, "requests_failed": 0}}}
+    r = result_from_summary(summary, "results/x")
+    assert r["decode_ratio"] == pytest.approx(0.99) and r["pass"]
+    summary["series"]["kvcached"]["back_to_idle_s"] = None  # never came back
+    assert not result_from_summary(summary, "x")["checks"]["back_to_idle"]
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu")
