@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvlab.arrivals import spec_from_args
     from kvlab.client import served_model
-    from kvlab.metrics import SLO, append_requests_csv, summarize
+    from kvlab.metrics import SLO, RequestsCsvWriter, summarize
     from kvlab.prompts import TokenizeUnavailable
     from kvlab.workload import Target, run_workload
 
@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         csv_path = out / "requests.csv"
         csv_path.write_text("")  # a fresh file: rows are appended as requests finish
-        records = run_workload(target, args.duration, seed=args.seed, concurrency=args.concurrency,
-                               on_record=lambda rec: append_requests_csv(rec, csv_path),
-                               progress=not args.no_progress, request_timeout_s=args.timeout)
+        with RequestsCsvWriter(csv_path) as writer:
+            records = run_workload(target, args.duration, seed=args.seed, concurrency=args.concurrency,
+                                   on_record=writer, progress=not args.no_progress, request_timeout_s=args.timeout)
     except (ValueError, FileNotFoundError, TokenizeUnavailable, OSError, RuntimeError) as e:
         print(f"kvlab load: {e}", file=sys.stderr)
         return 2

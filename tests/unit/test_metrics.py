@@ -1,7 +1,7 @@
 """Metric formulas on hand-made records; failed requests stay out of latency percentiles."""
 import pytest
 
-from kvlab.metrics import (SLO, append_requests_csv, percentile, read_requests_csv, summarize,
+from kvlab.metrics import (SLO, RequestsCsvWriter, append_requests_csv, percentile, read_requests_csv, summarize,
                            summarize_by_series, write_requests_csv)
 from kvlab.workload import RequestRecord
 
@@ -93,3 +93,15 @@ def test_csv_round_trip_and_append(tmp_path):
     assert header[:5] == ["series", "model", "url", "request_id", "scheduled_s"] and "ttft_s" in header
     write_requests_csv(records, path)
     assert read_requests_csv(path) == records
+
+
+def test_csv_writer_flushes_each_row(tmp_path):
+    path = tmp_path / "requests.csv"
+    r = rec(0, send=1.0, ttft=0.5, chunks=[1.5], end=1.5, out=1)
+    with RequestsCsvWriter(path) as writer:
+        writer(r)
+        assert read_requests_csv(path) == [r], "on disk before the writer closes"
+        writer(r)
+    with RequestsCsvWriter(path) as writer:  # appending to an existing file writes no second header
+        writer(r)
+    assert len(read_requests_csv(path)) == 3
