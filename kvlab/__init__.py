@@ -19,6 +19,12 @@ _EXPORTS = {
     "wait_ready": "kvlab.client",
     "TinyModelSpec": "kvlab.tiny_model",
     "write_tiny_model": "kvlab.tiny_model",
+    "MemorySampler": "kvlab.memory",
+    "Run": "kvlab.results",
+    "load_run": "kvlab.results",
+    "compare": "kvlab.results",
+    "summary_table": "kvlab.results",
+    "elastic_vs_static": "kvlab.experiments",
     "ArrivalSpec": "kvlab.arrivals",
     "Target": "kvlab.workload",
     "run_workload": "kvlab.workload",
@@ -31,6 +37,9 @@ if TYPE_CHECKING:
     from kvlab.client import send_requests, wait_ready
     from kvlab.colocation import Colocation
     from kvlab.errors import ServerError, diagnose
+    from kvlab.experiments import elastic_vs_static
+    from kvlab.memory import MemorySampler
+    from kvlab.results import Run, compare, load_run, summary_table
     from kvlab.server import VLLMServer
     from kvlab.arrivals import ArrivalSpec
     from kvlab.workload import Target, run_workload
