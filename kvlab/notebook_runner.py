@@ -17,7 +17,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 KERNEL_NAME = "kvlab"
 RUN_DIR_PARAMETER = "run_dir"
-INJECTED_TAG = "injected-parameters"
 _INT = re.compile(r"[-+]?\d+")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -123,17 +122,17 @@ def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def _cell_failure(exc: Any, executed: Path) -> CellFailure:
-    """From papermill's error: its cell index counts the injected cell; map it back to the source notebook."""
-    index = int(exc.cell_index)
-    try:
-        import nbformat
+def _cell_failure(exc: Any, source: Path) -> CellFailure:
+    """From papermill's error, whose cell index counts the parameters cell it injected (right after the cell
+    tagged `parameters`, or first when there is none): map it back to the source notebook."""
+    import nbformat
 
-        nb = nbformat.read(str(executed), as_version=4)
-        injected = sum(1 for c in nb.cells[:index] if INJECTED_TAG in c.get("metadata", {}).get("tags", []))
-        index -= injected
-    except Exception:  # the executed copy is a convenience here; the error itself is what matters
-        pass
+    index = int(exc.cell_index)
+    cells = nbformat.read(str(source), as_version=4).cells
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    injected_at = tagged[0] + 1 if tagged else 0
+    if index > injected_at:
+        index -= 1
     return CellFailure(cell_index=index, source=str(exc.source), ename=str(exc.ename),
                        evalue=_strip_ansi(str(exc.evalue)), traceback=[_strip_ansi(t) for t in exc.traceback])
 
@@ -193,7 +192,7 @@ def run_notebook(notebook: Path | str, parameters: Mapping[str, Any] | None = No
                                    progress_bar=progress, log_output=log_output,
                                    cwd=str(cwd) if cwd is not None else None, start_timeout=start_timeout)
     except PapermillExecutionError as exc:
-        result.failure = _cell_failure(exc, executed)
+        result.failure = _cell_failure(exc, source)
     finally:
         result.elapsed_s = time.monotonic() - started
     return result

@@ -149,14 +149,22 @@ class Run:
     failed in summary.json (with the server's log tail for a ServerError) and is re-raised."""
 
     def __init__(self, experiment: str, params: Mapping[str, Any] | None = None, root: Path | str = "results",
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, run_dir: Path | str | None = None) -> None:
         from kvlab.clock import now
 
         self.experiment = experiment
         self.params = dict(params or {})
-        self.run_id = run_id or new_run_id()
-        self.dir = Path(root) / experiment / self.run_id
-        self.dir.mkdir(parents=True, exist_ok=False)
+        if run_dir is not None:
+            # `kvlab run` creates the directory first (the executed notebook goes there); it must hold no run yet.
+            self.dir = Path(run_dir)
+            self.run_id = self.dir.name
+            if (self.dir / "params.json").exists():
+                raise FileExistsError(f"{self.dir} already holds a run: pass a fresh run_dir, or none")
+            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.run_id = run_id or new_run_id()
+            self.dir = Path(root) / experiment / self.run_id
+            self.dir.mkdir(parents=True, exist_ok=False)
         self.t0_s = now()
         self.t0_epoch_s = time.time()
         self.phases: list[Phase] = []
