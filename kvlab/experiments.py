@@ -82,7 +82,8 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                       root: Path | str = "results", experiment: str = "elastic_vs_static",
                       series: Sequence[str] = SERIES, interval_s: float = 0.01, pss_interval_s: float | None = 1.0,
                       settle_margin_mb: float = DEFAULT_SETTLE_MARGIN_MB, seed: int = 0, progress: bool = True,
-                      server_args: Sequence[str] = (), figures: bool = True) -> Run:
+                      server_args: Sequence[str] = (), figures: bool = True,
+                      run_dir: Path | str | None = None) -> Run:
     """Run the bursty workload on a static and then on a kvcached server; return the finished Run.
 
     Per server: start, one warm-up request, `idle_s` of idle (the idle level), the bursts, then `cooldown_s`
@@ -103,7 +104,7 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                   burst_every=burst_every, prompt_tokens=prompt_tokens, max_tokens=max_tokens, idle_s=idle_s,
                   cooldown_s=cooldown_s, series=list(series), interval_s=interval_s, pss_interval_s=pss_interval_s,
                   settle_margin_mb=settle_margin_mb, seed=seed, server_args=list(server_args))
-    run = Run(experiment, params, root=root)
+    run = Run(experiment, params, root=root, run_dir=run_dir)
     bursts_s: list[float] = []
     extra: dict[str, dict[str, Any]] = {}
     with run:
