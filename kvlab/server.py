@@ -208,11 +208,17 @@ class VLLMServer:
                 env["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_gib))
             else:
                 env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM-CPU would let it override the flag
+        # Each server fixes its own kvcached instance at start-up; never inherit one from this process.
+        env.pop("KVCACHED_INSTANCE", None)
         if self.kvcached:
             env["ENABLE_KVCACHED"] = "true"
             if self.ipc_name is None:
                 self.ipc_name = f"kvlab-{os.getpid()}-{self.port}"
             env["KVCACHED_IPC_NAME"] = self.ipc_name
+            # kvcached's records (kvctl list, kvtop) are named after the server.
+            env["KVCACHED_INSTANCE_NAME"] = self.name
+            # Endpoint plugins load only when named, and naming one restricts the general plugins too.
+            env.setdefault("VLLM_PLUGINS", "kvcached,kvcached_stats")
         else:
             env["ENABLE_KVCACHED"] = "false"
         env.update(self.extra_env)
@@ -320,6 +326,12 @@ class VLLMServer:
         self.stop()
 
     # ---- requests --------------------------------------------------------------------------------------
+    def kvcached_stats(self) -> dict:
+        """`GET /kvcached/stats`: the server's kvcached used/reserved/limit bytes (kvcached servers only)."""
+        if not self.kvcached:
+            raise ValueError(f"{self.name} runs a static KV cache: start it with kvcached=True for kvcached stats")
+        return client.get_json(f"{self.url}/kvcached/stats")
+
     def complete(self, prompt: str, max_tokens: int = 16, temperature: float = 0.0) -> str:
         """One completion; ServerError (with the cause) if the server has died."""
         try:

@@ -43,7 +43,7 @@ def _complete_all(server: VLLMServer, prompts: list[str], max_tokens: int = 24, 
 
 
 def _instance(server: VLLMServer) -> budget.InstanceInfo:
-    prefix = server.extra_env["KVCACHED_INSTANCE_NAME"]
+    prefix = server.kvcached_stats()["instance"]
     found = [i for i in budget.list_instances() if i.name.startswith(prefix) and i.alive]
     assert len(found) == 1, f"expected one live kvcached record for {prefix}, got {found}"
     return found[0]
@@ -98,9 +98,7 @@ class ReservedSampler:
 
 def _kvcached_server(tiny_model_dir: Path, log_dir: Path, name: str) -> VLLMServer:
     return VLLMServer(str(tiny_model_dir), kvcached=True, ipc_name=GROUP, kv_cache_gib=TEST_KV_CACHE_GIB,
-                      name=name, log_dir=log_dir, progress=False,
-                      env={"KVCACHED_INSTANCE_NAME": f"{name}-{os.getpid()}",
-                           "VLLM_PLUGINS": "kvcached,kvcached_stats"})
+                      name=f"{name}-{os.getpid()}", log_dir=log_dir, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +115,9 @@ def static_outputs(static_server):
 
 
 def test_kvcached_stats_endpoint(kvcached_server):
-    stats = client.get_json(f"{kvcached_server.url}/kvcached/stats")
+    stats = kvcached_server.kvcached_stats()
     assert stats["enabled"] is True
-    assert stats["instance"].startswith(kvcached_server.extra_env["KVCACHED_INSTANCE_NAME"])
+    assert stats["instance"].startswith(kvcached_server.name)
     assert 0 < stats["reserved_bytes"] <= stats["limit_bytes"]
 
 
