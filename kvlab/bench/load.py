@@ -191,20 +191,20 @@ def _print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v * 1e3:.3f}"
+        return "-" if v is None else f"{v * 1e3:.2f}"
 
     table = Table(title=f"kvlab bench load: constant {result['rate']:g} req/s for {result['duration_s']:g} s, "
                         f"measured at a no-op server")
-    for col in ("client", "arrived/expected", "achieved req/s", "achieved/target", "error p50 ms",
-                "error p99 ms", "abs lag p99 ms", "verdict"):
-        table.add_column(col, justify="left" if col == "client" else "right")
+    for col in ("client", "arrived", "req/s", "ratio", "err p50 ms", "err p99 ms", "lag p99 ms", "verdict"):
+        table.add_column(col, justify="left" if col == "client" else "right", no_wrap=col != "verdict")
     for name in ("kvlab", "vllm"):
         row = result.get(name)
         if row is None:
             continue
-        label = "kvlab.workload" if name == "kvlab" else "vllm.benchmarks.serve"
+        label = "kvlab" if name == "kvlab" else "vllm"
         if name == "vllm" and not row.get("available"):
-            table.add_row(label, row["reason"][:120], "", "", "", "", "", "n/a")
+            table.add_row(label, "", "", "", "", "", "", "n/a")
+            table.caption = row["reason"][:300]
             continue
         verdict = "[green]pass[/]" if row["pass"] else "[red]fail[/]"
         ratio = row["rate_ratio"]
@@ -212,8 +212,10 @@ def _print_table(result: dict[str, Any]) -> None:
                       "-" if row["achieved_rate"] is None else f"{row['achieved_rate']:.1f}",
                       "-" if ratio is None else f"{ratio:.4f}", ms(row["error_p50_s"]), ms(row["error_p99_s"]),
                       ms(row.get("abs_lag_p99_s")), verdict)
-    table.caption = (f"goals: achieved/target >= {RATIO_GOAL}, error p99 <= {ERROR_P99_GOAL_S * 1e3:g} ms "
-                     "(error = lag behind schedule above the smallest lag)")
+    goals = (f"kvlab = kvlab.workload, vllm = vllm.benchmarks.serve; ratio = achieved/target rate (goal >= "
+             f"{RATIO_GOAL}); err = lag behind schedule above the smallest lag (goal p99 <= "
+             f"{ERROR_P99_GOAL_S * 1e3:g} ms); lag = kvlab's absolute lag, transit included")
+    table.caption = goals if table.caption is None else f"{table.caption}\n{goals}"
     Console().print(table)
 
 
