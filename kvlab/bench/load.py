@@ -194,8 +194,8 @@ def _print_table(result: dict[str, Any]) -> None:
         return "-" if v is None else f"{v * 1e3:.2f}"
 
     table = Table(title=f"kvlab bench load: constant {result['rate']:g} req/s for {result['duration_s']:g} s, "
-                        f"measured at a no-op server")
-    for col in ("client", "arrived", "req/s", "ratio", "err p50 ms", "err p99 ms", "lag p99 ms", "verdict"):
+                        f"measured at a no-op server (times in ms)")
+    for col in ("client", "arrived", "req/s", "ratio", "err p50", "err p99", "lag p99", "verdict"):
         table.add_column(col, justify="left" if col == "client" else "right", no_wrap=col != "verdict")
     for name in ("kvlab", "vllm"):
         row = result.get(name)
