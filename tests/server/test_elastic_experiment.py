@@ -10,9 +10,9 @@ import pytest
 from kvlab.experiments import elastic_vs_static
 from kvlab.memory import KV_RESERVED_BYTES, MEM_BYTES, PSS_MEM_BYTES
 
-from .conftest import TEST_KV_CACHE_GIB
-
 pytestmark = pytest.mark.server
+
+TEST_KV_CACHE_GIB = 0.5  # the server tier's pool size (tests/server/conftest.py)
 
 
 def test_elastic_vs_static_writes_a_complete_run(tiny_model_dir: Path, tmp_path: Path) -> None:
