@@ -42,16 +42,30 @@ def _phase_dicts(phases: Iterable[Any]) -> list[dict[str, Any]]:
 
 def memory_timeline(memory: Any, *, phases: Iterable[Any] = (), t0_s: float | None = None, metric: str = MEM_BYTES,
                     series: Sequence[str] | None = None, bursts_s: Sequence[float] = (), title: str | None = None,
-                    path: Path | str | None = None) -> Any:
-    """One line per series of `metric` (MB) over seconds since t0, phases shaded, burst starts as ticks."""
+                    align_to_phase: str | None = None, path: Path | str | None = None) -> Any:
+    """One line per series of `metric` (MB) over seconds since t0, phases shaded, burst starts as ticks.
+
+    `align_to_phase` (e.g. "idle"): for servers run one after another, put each series' own first phase of
+    that name at t=0, so the runs overlay; the first series' phases are shaded and burst ticks are left out."""
     plt = _pyplot()
     df = memory[memory["metric"] == metric]
     if t0_s is None:
         t0_s = float(memory["t_s"].min()) if len(memory) else 0.0
     names = list(series) if series is not None else list(dict.fromkeys(df["series"]))
+    phase_list = [p for p in _phase_dicts(phases) if p["name"] != "startup"]  # nothing is sampled then
+    offsets = {name: t0_s for name in names}
+    if align_to_phase is not None:
+        for name in names:
+            starts = [p["start_s"] for p in phase_list if p["name"] == align_to_phase and p.get("series") == name]
+            if starts:
+                offsets[name] = starts[0]
+        first = names[0] if names else None
+        phase_list = [dict(p, start_s=p["start_s"] - offsets[first] + t0_s, end_s=p["end_s"] - offsets[first] + t0_s)
+                      for p in phase_list if p.get("series") == first and p.get("end_s") is not None]
+        bursts_s = ()
     fig, ax = plt.subplots(figsize=(10, 4.5))
     seen_labels: set[str] = set()
-    for ph in _phase_dicts(phases):
+    for ph in phase_list:
         if ph.get("end_s") is None:
             continue
         label = ph["name"] if ph["name"] not in seen_labels else None
@@ -60,10 +74,10 @@ def memory_timeline(memory: Any, *, phases: Iterable[Any] = (), t0_s: float | No
                    alpha=0.5, lw=0, label=label)
     for name in names:
         s = df[df["series"] == name].sort_values("t_s")
-        ax.plot(s["t_s"] - t0_s, s["value"] / MB, label=name, lw=1.4)
+        ax.plot(s["t_s"] - offsets[name], s["value"] / MB, label=name, lw=1.4)
     for i, t in enumerate(bursts_s):
         ax.axvline(t - t0_s, color="#c92a2a", lw=0.8, ls=":", label="burst" if i == 0 else None)
-    ax.set_xlabel("seconds since start")
+    ax.set_xlabel(f"seconds since the {align_to_phase} phase" if align_to_phase else "seconds since start")
     ax.set_ylabel(f"{metric.removesuffix('_bytes')} (MB)")
     ax.set_title(title or f"Memory over time ({metric.removesuffix('_bytes')}, MB)")
     ax.grid(alpha=0.3)
@@ -163,6 +177,11 @@ def save_run_figures(run: Any, *, metric: str = MEM_BYTES, bursts_s: Sequence[fl
                 plt.close(memory_timeline(data.memory, phases=data.phases, t0_s=t0, bursts_s=bursts_s,
                                           path=data.dir / name, **kw))
                 out.append(data.dir / name)
+        per_series_phases = {p.get("series") for p in data.phases if p["name"] == "idle"}
+        if len(per_series_phases - {None}) > 1:  # servers run in turn: overlay them from their idle phase
+            plt.close(memory_timeline(data.memory, phases=data.phases, t0_s=t0, metric=metric, align_to_phase="idle",
+                                      path=data.dir / "memory_aligned.png"))
+            out.append(data.dir / "memory_aligned.png")
         if data.memory[data.memory["metric"] == metric]["series"].nunique() > 1:
             plt.close(stacked_memory(data.memory, metric=metric, t0_s=t0, path=data.dir / "memory_stacked.png"))
             out.append(data.dir / "memory_stacked.png")

@@ -65,3 +65,14 @@ def test_save_run_figures_from_a_run_directory(tmp_path: Path) -> None:
     assert {p.name for p in paths} == {"memory_timeline.png", "kv_reserved_timeline.png", "memory_stacked.png",
                                        "ttft_cdf.png", "latency_cdf.png", "idle_peak.png"}
     assert all(_is_png(p) for p in paths)
+
+
+def test_aligned_timeline_overlays_servers_run_in_turn(tmp_path: Path) -> None:
+    mem = pd.DataFrame({"t_s": [10.0, 11.0, 50.0, 51.0], "series": ["static", "static", "kvcached", "kvcached"],
+                        "metric": MEM_BYTES, "value": [3.9e9, 3.9e9, 1.8e9, 2.0e9]})
+    phases = [{"name": "idle", "start_s": 10.0, "end_s": 10.5, "series": "static"},
+              {"name": "idle", "start_s": 50.0, "end_s": 50.5, "series": "kvcached"}]
+    fig = plots.memory_timeline(mem, phases=phases, t0_s=0.0, align_to_phase="idle", path=tmp_path / "a.png")
+    starts = {line.get_label(): line.get_xdata()[0] for line in fig.axes[0].get_lines()}
+    assert starts == {"static": 0.0, "kvcached": 0.0}
+    assert _is_png(tmp_path / "a.png")
