@@ -540,6 +540,11 @@ def list_groups() -> list[GroupInfo]:
     return groups
 
 
+def group_cap(group: str) -> int | None:
+    """The group's cap in bytes, or None when it has none."""
+    return _read_group_cap(shm_dir(), sanitize_name(group))
+
+
 def group_reserved(group: str) -> int:
     """Sum of reserved bytes of the group's live members, read under the group lock (a consistent snapshot)."""
     directory = shm_dir()

@@ -26,6 +26,8 @@ HOOK_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.worker.gpu_model_runner", "allocate_kv_cache", ("kv_cache_config", "device", "layout")),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", ("self", "scheduler_output")),
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.execute_model", ("self", "scheduler_output")),
+    ("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory", ("self",)),
+    ("vllm.v1.worker.cpu_worker", "CPUWorker.determine_available_memory", ("self",)),
     ("vllm.v1.core.block_pool", "BlockPool.get_new_blocks", ("self", "num_blocks")),
     ("vllm.v1.core.block_pool", "BlockPool.free_blocks", ("self", "ordered_blocks")),
     ("vllm.v1.core.block_pool", "BlockPool.touch", ("self", "blocks")),
@@ -61,6 +63,15 @@ def _patch_allocate(module: ModuleType) -> None:
         utils.allocate_kv_cache = vllm_worker.elastic_allocate_kv_cache(_original_allocate, utils)
     if getattr(module, "allocate_kv_cache", None) is _original_allocate:
         module.allocate_kv_cache = utils.allocate_kv_cache
+
+
+def _patch_worker_class(class_name: str):
+    def patch(module: ModuleType) -> None:
+        cls = getattr(module, class_name)
+        if "determine_available_memory" in cls.__dict__ and _first_time(cls):
+            cls.determine_available_memory = vllm_worker.capped_available_memory(cls.determine_available_memory)
+
+    return patch
 
 
 def _patch_model_runner(module: ModuleType) -> None:
@@ -259,6 +270,8 @@ def install() -> None:
     for name in _WORKER_MODULES:
         when_imported(name, _patch_allocate)
     when_imported("vllm.v1.worker.gpu_model_runner", _patch_model_runner)
+    when_imported("vllm.v1.worker.gpu_worker", _patch_worker_class("Worker"))
+    when_imported("vllm.v1.worker.cpu_worker", _patch_worker_class("CPUWorker"))
     when_imported("vllm.v1.core.block_pool", _patch_block_pool)
     when_imported("vllm.v1.core.kv_cache_manager", _patch_kv_cache_manager)
     when_imported("vllm.v1.core.kv_cache_coordinator", _patch_coordinator)

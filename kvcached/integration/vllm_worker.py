@@ -94,6 +94,28 @@ def elastic_allocate_kv_cache(original, utils_module):
     return allocate_kv_cache
 
 
+def capped_available_memory(original):
+    """Wrap Worker.determine_available_memory: the pool vLLM sizes is bounded by the group's budget, when capped.
+
+    The number of blocks is then fixed at start-up by configuration (pool size, group cap) and never by how much
+    memory happens to be free at that moment; physical memory is checked block by block at run time instead.
+    """
+
+    @functools.wraps(original)
+    def determine_available_memory(self, *args, **kwargs):
+        available = original(self, *args, **kwargs)
+        from kvcached.budget import group_cap
+
+        cap = group_cap(config.engine_settings("cpu").group)
+        if cap is not None and 0 < cap < available:
+            logger.info("kvcached: KV pool bounded by the group cap: %.1f MiB instead of %.1f MiB",
+                        cap / 2**20, available / 2**20)
+            return cap
+        return available
+
+    return determine_available_memory
+
+
 def sync_regions() -> None:
     for region in _regions:
         region.sync()
