@@ -617,8 +617,9 @@ def set_group_limit(group: str, num_bytes: int | None, *, create: bool = False) 
     return next(g for g in list_groups() if g.name == group)
 
 
-def cleanup() -> list[str]:
-    """Remove records of dead processes and the pool files they name; returns what was removed."""
+def cleanup(prefix: str | None = None) -> list[str]:
+    """Remove records of dead processes (only those whose name starts with `prefix`, when given) and the pool
+    files they name; returns what was removed."""
     directory = shm_dir()
     if not directory.is_dir():
         return []
@@ -626,7 +627,7 @@ def cleanup() -> list[str]:
     lock = _FileLock(directory / _CREATE_LOCK)
     with lock:
         for info in list_instances():
-            if info.alive:
+            if info.alive or (prefix is not None and not info.name.startswith(prefix)):
                 continue
             if info.pool_path:
                 pool = Path(info.pool_path)

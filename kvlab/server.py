@@ -318,6 +318,11 @@ class VLLMServer:
         _kill_tree(self._launcher, timeout)
         if self._finalizer:
             self._finalizer.detach()
+        if self.kvcached:
+            # An engine stopped by signal may not get to close its kvcached record; drop what it left behind.
+            from kvcached.budget import cleanup
+
+            cleanup(prefix=f"{self.name}-")
 
     def __enter__(self) -> "VLLMServer":
         if not self.is_running():

@@ -206,6 +206,8 @@ class ElasticBlockPool:
                 logger.exception("kvcached: reclaim failed")
 
     def close(self) -> None:
+        if self._closed.is_set():
+            return
         self._closed.set()
         self.manager.close()
         if self._on_close is not None:

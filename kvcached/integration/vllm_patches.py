@@ -7,6 +7,7 @@ Scheduler side (vllm_block_pool.py): BlockPool hands out blocks on mapped pages 
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -252,8 +253,10 @@ def attach_elastic_pool(scheduler: Any) -> None:
         region.close()
 
     pool = scheduler.kv_cache_manager.block_pool
-    pool._kvcached = ElasticBlockPool(pool, manager, watermark_blocks=scheduler.kv_cache_manager.watermark_blocks,
+    pool._kvcached = elastic = ElasticBlockPool(pool, manager, watermark_blocks=scheduler.kv_cache_manager.watermark_blocks,
                                       on_close=close)
+    # vLLM calls Scheduler.shutdown on a clean exit; atexit covers an exit by signal (SystemExit) too.
+    atexit.register(elastic.close)
     logger.info("kvcached: scheduler pages %d blocks over %d logical pages of %.1f MiB (group %s)",
                 plan.layout.num_blocks, plan.layout.num_logical_pages,
                 plan.layout.logical_page_bytes / 2**20, settings.group)
