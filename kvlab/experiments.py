@@ -86,7 +86,7 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                       run_dir: Path | str | None = None) -> Run:
     """Run the bursty workload on a static and then on a kvcached server; return the finished Run.
 
-    Per server: start, one warm-up request, `idle_s` of idle (the idle level), the bursts, then `cooldown_s`
+    Per server: start, one warm-up burst (not recorded), `idle_s` of idle (the idle level), the bursts, then `cooldown_s`
     (default: max(idle_s, 5)) of idle to watch memory come back. summary.json gets per series the contract
     figures plus decode_tokens_per_s, back_to_idle_s (memory probes, from the end of the last request),
     kv_back_to_idle_s and idle_kv_share (kvcached records: reserved while idle / pool bytes).
@@ -122,7 +122,13 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                     sources.append(NvmlSource(series=f"{name}-gpu", processes={name: server}))
                 with run.sampler(sources, interval_s=interval_s):
                     with run.phase("warmup", series=name):
-                        server.complete("warm up", max_tokens=4)
+                        # One burst of the same shape, other prompts (no prefix-cache hits later): the engine's
+                        # buffers that grow with the batch once and stay (allocator arenas, workspaces) are
+                        # grown here, so the idle level is the steady state and back-to-idle measures the KV.
+                        warm = Target(url=server.url, model=server.model_name,
+                                      arrival=burst_offsets(burst_size, 1.0, count=1), prompts=prompt_tokens,
+                                      max_tokens=max_tokens, series=name)
+                        run_workload(warm, None, seed=seed + 1000, progress=False)
                     with run.phase("idle", series=name):
                         _sleep(idle_s, server)
                     target = Target(url=server.url, model=server.model_name,
