@@ -253,14 +253,17 @@ def _print_table(result: dict) -> None:
         for col in ("level", "freed PSS MB", "freed KV MB", "PSS before MB", "PSS after MB", "wake s",
                     "1st request s", "awake request s"):
             t.add_column(col, justify="right" if col != "level" else "left")
+        notes = []
         for level, r in result["real"]["sleep"].items():
             if "unavailable" in r:
-                t.add_row(level, r["unavailable"], "", "", "", "", "", "")
+                notes.append(f"level {level}: {r['unavailable']}")
                 continue
             t.add_row(level, f"{r['freed_pss_mb']:.1f}", "-" if r["freed_kv_mb"] is None else f"{r['freed_kv_mb']:.1f}",
                       f"{r['pss_before_mb']:.0f}", f"{r['pss_after_mb']:.0f}", f"{r['wake_s']:.4f}",
                       f"{r['first_request_after_wake_s']:.3f}", f"{r['awake_request_s']:.3f}")
         console.print(t)
+        for note in notes:
+            console.print(note)
         console.print(f"goal: kv wake <= {GOAL_KV_WAKE_S} s: {'PASS' if result['pass_kv_wake'] else 'FAIL'}")
 
 
