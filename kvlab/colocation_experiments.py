@@ -52,6 +52,19 @@ def start_colocation(run: Run, models: Sequence[str], *, kvcached: bool, kv_cach
     return colo
 
 
+def stop_colocation(colo: Colocation) -> None:
+    """Stop the engines and drop their group's cap: a capped group outlives its members on purpose (a cap may be
+    set before engines start), so an experiment that set one removes it, and with it the group's files."""
+    from kvcached.budget import cleanup, list_groups, set_group_limit
+
+    colo.stop()
+    if colo.kvcached and any(g.name == colo.ipc_name for g in list_groups()):
+        set_group_limit(colo.ipc_name, None)
+        # Only records of the engines just stopped; the uncapped, memberless group goes with them.
+        for server in colo:
+            cleanup(prefix=server.name)
+
+
 def memory_sources(colo: Colocation, series: Sequence[str], device: str = "cpu") -> list[Any]:
     """Probes per engine, each under its series name: the process tree's host memory, vLLM's /metrics, the
     kvcached pool's reserved bytes (kvcached engines), and the engine's GPU memory from NVML (on cuda)."""
@@ -134,6 +147,19 @@ def instances_table(group: str | None = None) -> Any:
              "reserved_mb": i.reserved_bytes / MB, "limit_mb": i.limit_bytes / MB,
              "virtual_mb": i.virtual_bytes / MB} for i in list_instances(group) if i.alive]
     return pd.DataFrame(rows, columns=["name", "group", "pid", "used_mb", "reserved_mb", "limit_mb", "virtual_mb"])
+
+
+def group_table(group: str | None = None) -> Any:
+    """kvcached budget groups (or one): the cap and what the live members hold, in MB, like `kvctl list` shows
+    under its instance rows."""
+    import pandas as pd
+
+    from kvcached.budget import list_groups
+
+    rows = [{"group": g.name, "cap_mb": None if g.cap_bytes is None else g.cap_bytes / MB, "members": g.members,
+             "used_mb": g.used_bytes / MB, "reserved_mb": g.reserved_bytes / MB, "limit_mb": g.limit_bytes / MB}
+            for g in list_groups() if group is None or g.name == group]
+    return pd.DataFrame(rows, columns=["group", "cap_mb", "members", "used_mb", "reserved_mb", "limit_mb"])
 
 
 def mode_comparison(summary: dict[str, Any], modes: Sequence[str] = ("static", "elastic"),

@@ -222,7 +222,10 @@ def summary_rich_table(run_dir: Path | str, title: str | None = None) -> Any:
     df = summary_table(path)
     table = Table(title=title or f"{path.parent.name}/{path.name}")
     table.add_column("series")
-    present = [(k, label, fmt) for k, label, fmt in SUMMARY_COLUMNS if k in df and df[k].notna().any()]
+    # Savings are against the series named "static"; without one they would compare with an arbitrary row.
+    skip = set() if "static" in df.index else {"idle_savings_mb", "idle_savings_pct"}
+    present = [(k, label, fmt) for k, label, fmt in SUMMARY_COLUMNS
+               if k in df and k not in skip and df[k].notna().any()]
     for _, label, _ in present:
         table.add_column(label, justify="right")
     for series, row in df.iterrows():
