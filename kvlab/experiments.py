@@ -82,18 +82,22 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                       root: Path | str = "results", experiment: str = "elastic_vs_static",
                       series: Sequence[str] = SERIES, interval_s: float = 0.01, pss_interval_s: float | None = 1.0,
                       settle_margin_mb: float = DEFAULT_SETTLE_MARGIN_MB, seed: int = 0, progress: bool = True,
-                      server_args: Sequence[str] = (), figures: bool = True,
+                      server_args: Sequence[str] = (), figures: bool = True, interleave: bool = False,
                       run_dir: Path | str | None = None) -> Run:
-    """Run the bursty workload on a static and then on a kvcached server; return the finished Run.
+    """Run the bursty workload on a static and a kvcached server; return the finished Run.
 
-    Per server: start, one warm-up burst (not recorded), `idle_s` of idle (the idle level), the bursts, then `cooldown_s`
-    (default: max(idle_s, 5)) of idle to watch memory come back. summary.json gets per series the contract
-    figures plus decode_tokens_per_s, back_to_idle_s (memory probes, from the end of the last request),
-    kv_back_to_idle_s and idle_kv_share (kvcached records: reserved while idle / pool bytes).
+    Per server: start, one warm-up burst (not recorded), `idle_s` of idle (the idle level), the bursts, then
+    `cooldown_s` (default: max(idle_s, 5)) of idle to watch memory come back. By default the servers run one
+    after the other. With `interleave=True` both are up at once and their bursts alternate (the kvcached
+    burst half-way between two static ones, on one clock): when other work on the machine comes and goes,
+    both servers meet it alike, so their speed ratio stays fair; only one server decodes at a time as long as
+    a burst takes less than burst_every / 2.
+
+    summary.json gets per series the contract figures plus decode_tokens_per_s, back_to_idle_s (memory
+    probes, from the end of the series' last request), kv_back_to_idle_s and idle_kv_share (kvcached records:
+    reserved bytes while idle / pool bytes).
     """
-    from kvlab.arrivals import bursts as burst_offsets
     from kvlab.server import VLLMServer
-    from kvlab.workload import Target, run_workload
 
     unknown = set(series) - set(SERIES)
     if unknown:
@@ -103,48 +107,72 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
     params = dict(model=str(model), device=device, kv_cache_gib=kv_cache_gib, bursts=bursts, burst_size=burst_size,
                   burst_every=burst_every, prompt_tokens=prompt_tokens, max_tokens=max_tokens, idle_s=idle_s,
                   cooldown_s=cooldown_s, series=list(series), interval_s=interval_s, pss_interval_s=pss_interval_s,
-                  settle_margin_mb=settle_margin_mb, seed=seed, server_args=list(server_args))
+                  settle_margin_mb=settle_margin_mb, seed=seed, server_args=list(server_args),
+                  interleave=interleave)
     run = Run(experiment, params, root=root, run_dir=run_dir)
     bursts_s: list[float] = []
     extra: dict[str, dict[str, Any]] = {}
+    shape = dict(burst_size=burst_size, prompt_tokens=prompt_tokens, max_tokens=max_tokens, seed=seed)
+
+    def make(name: str) -> VLLMServer:
+        return VLLMServer(str(model), kvcached=(name == "kvcached"), kv_cache_gib=kv_cache_gib, args=server_args,
+                          log_dir=run.dir / "logs", name=name, progress=progress)
+
+    def sources(name: str, server: VLLMServer) -> list[Any]:
+        out: list[Any] = [HostTreeSource(name, server, pss_interval_s=pss_interval_s),
+                          VllmMetricsSource(name, server.url)]
+        if name == "kvcached":
+            out.append(KvcachedSource(name, server=server))
+        if device == "cuda":
+            out.append(NvmlSource(series=f"{name}-gpu", processes={name: server}))
+        return out
+
     with run:
-        for name in series:
-            server = VLLMServer(str(model), kvcached=(name == "kvcached"), kv_cache_gib=kv_cache_gib,
-                                args=server_args, log_dir=run.dir / "logs", name=name, progress=progress)
-            try:
-                with run.phase("startup", series=name):
-                    server.start()
-                sources: list[Any] = [HostTreeSource(name, server, pss_interval_s=pss_interval_s),
-                                      VllmMetricsSource(name, server.url)]
-                if name == "kvcached":
-                    sources.append(KvcachedSource(name, server=server))
-                if device == "cuda":
-                    sources.append(NvmlSource(series=f"{name}-gpu", processes={name: server}))
-                with run.sampler(sources, interval_s=interval_s):
-                    with run.phase("warmup", series=name):
-                        # One burst of the same shape, other prompts (no prefix-cache hits later): the engine's
-                        # buffers that grow with the batch once and stay (allocator arenas, workspaces) are
-                        # grown here, so the idle level is the steady state and back-to-idle measures the KV.
-                        warm = Target(url=server.url, model=server.model_name,
-                                      arrival=burst_offsets(burst_size, 1.0, count=1), prompts=prompt_tokens,
-                                      max_tokens=max_tokens, series=name)
-                        run_workload(warm, None, seed=seed + 1000, progress=False)
-                    with run.phase("idle", series=name):
-                        _sleep(idle_s, server)
-                    target = Target(url=server.url, model=server.model_name,
-                                    arrival=burst_offsets(burst_size, burst_every, count=bursts),
-                                    prompts=prompt_tokens, max_tokens=max_tokens, series=name)
-                    with run.phase("load", series=name):
-                        records = run_workload(target, None, seed=seed, on_record=run.record, progress=progress)
-                    bursts_s.extend(records.t0_s + k * burst_every for k in range(bursts))
-                    last_end = max((r.end_s for r in records if r.end_s is not None), default=None)
-                    with run.phase("cooldown", series=name):
-                        _sleep(cooldown_s, server)
-                    server.check()
-                extra[name] = {"last_request_end_s": last_end, "startup_s": server.startup_s}
-            finally:
+        servers: dict[str, VLLMServer] = {}
+        try:
+            if interleave:
+                for name in series:
+                    servers[name] = make(name)
+                    with run.phase("startup", series=name):
+                        servers[name].start()
+                with run.sampler([src for n in series for src in sources(n, servers[n])], interval_s=interval_s):
+                    for name in series:
+                        with run.phase("warmup", series=name):
+                            _warm_up(servers[name], name, **shape)
+                    with run.phase("idle"):
+                        _sleep(idle_s, *servers.values())
+                    offsets = {name: [k * burst_every + i * burst_every / len(series) for k in range(bursts)
+                                      for _ in range(burst_size)] for i, name in enumerate(series)}
+                    with run.phase("load"):
+                        records = _load(run, servers, offsets, progress=progress, **shape)
+                    bursts_s = sorted({records.t0_s + o for offs in offsets.values() for o in offs})
+                    with run.phase("cooldown"):
+                        _sleep(cooldown_s, *servers.values())
+                for name in series:
+                    extra[name] = {"last_request_end_s": _last_end(records, name),
+                                   "startup_s": servers[name].startup_s}
+            else:
+                for name in series:
+                    server = servers[name] = make(name)
+                    with run.phase("startup", series=name):
+                        server.start()
+                    with run.sampler(sources(name, server), interval_s=interval_s):
+                        with run.phase("warmup", series=name):
+                            _warm_up(server, name, **shape)
+                        with run.phase("idle", series=name):
+                            _sleep(idle_s, server)
+                        offsets = {name: [k * burst_every for k in range(bursts) for _ in range(burst_size)]}
+                        with run.phase("load", series=name):
+                            records = _load(run, {name: server}, offsets, progress=progress, **shape)
+                        bursts_s.extend(records.t0_s + k * burst_every for k in range(bursts))
+                        with run.phase("cooldown", series=name):
+                            _sleep(cooldown_s, server)
+                    extra[name] = {"last_request_end_s": _last_end(records, name), "startup_s": server.startup_s}
+                    server.stop()
+        finally:
+            for server in servers.values():
                 server.stop()
-        run.finish(_summaries(run, series, extra, settle_margin_mb * MB), bursts_s=bursts_s)
+        run.finish(_summaries(run, series, extra, settle_margin_mb * MB), bursts_s=bursts_s, interleave=interleave)
     if figures:
         from kvlab.plots import save_run_figures
 
@@ -152,14 +180,44 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
     return run
 
 
-def _sleep(seconds: float, server: Any) -> None:
-    """Wait, checking every half second that the server is still alive (so a crash ends the run early)."""
+def _warm_up(server: Any, name: str, *, burst_size: int, prompt_tokens: int, max_tokens: int, seed: int) -> None:
+    """One burst of the load's shape with other prompts (no prefix-cache hits later), not recorded. The
+    engine's buffers that grow with the batch once and stay (allocator arenas, workspaces) grow here, so the
+    idle level is the steady state and back-to-idle measures what the KV cache gives back."""
+    from kvlab.workload import Target, run_workload
+
+    warm = Target(url=server.url, model=server.model_name, arrival=[0.0] * burst_size, prompts=prompt_tokens,
+                  max_tokens=max_tokens, series=name)
+    run_workload(warm, None, seed=seed + 1000, progress=False)
+    server.check()
+
+
+def _load(run: Run, servers: dict[str, Any], offsets: dict[str, list[float]], *, burst_size: int,
+          prompt_tokens: int, max_tokens: int, seed: int, progress: bool) -> Any:
+    """The recorded bursts: every server its offsets, all on one clock."""
+    from kvlab.workload import Target, run_workload
+
+    targets = [Target(url=s.url, model=s.model_name, arrival=offsets[name], prompts=prompt_tokens,
+                      max_tokens=max_tokens, series=name) for name, s in servers.items()]
+    records = run_workload(targets, None, seed=seed, on_record=run.record, progress=progress)
+    for server in servers.values():
+        server.check()
+    return records
+
+
+def _last_end(records: Sequence[Any], series: str) -> float | None:
+    return max((r.end_s for r in records if r.series == series and r.end_s is not None), default=None)
+
+
+def _sleep(seconds: float, *servers: Any) -> None:
+    """Wait, checking every half second that the servers are still alive (so a crash ends the run early)."""
     import time
 
     end = time.monotonic() + seconds
     while (left := end - time.monotonic()) > 0:
         time.sleep(min(0.5, left))
-        server.check()
+        for server in servers:
+            server.check()
 
 
 def _summaries(run: Run, series: Sequence[str], extra: dict[str, dict[str, Any]],

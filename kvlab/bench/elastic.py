@@ -3,7 +3,8 @@
 Reports idle and peak host memory of each server's process tree, aggregate decode tokens/s (goal: kvcached /
 static >= 0.98), TTFT p50/p99, the time the kvcached server takes to come back to its idle memory after the
 last request ends (goal <= 1 s, from the memory probes), and kvcached's idle KV memory as a share of the pool
-(goal <= 1%, from its shared-memory records). The servers run one after the other. The table is printed and
+(goal <= 1%, from its shared-memory records). Both servers are up at once and their bursts alternate, so
+a neighbour's load on the machine meets both alike (--sequential runs them in turn instead). The table is printed and
 the figures go to `elastic.json` in the run directory (plus stdout with --json).
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle", type=float, default=5.0, help="idle seconds before the load (default 5)")
     parser.add_argument("--cooldown", type=float, default=6.0, help="idle seconds after the load (default 6)")
     parser.add_argument("--root", default="results", help="results root (default results/)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run the servers one after the other (default: both up, bursts alternating, so "
+                             "other load on the machine hits both alike)")
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
 
 
@@ -70,7 +74,7 @@ def result_from_summary(summary: dict[str, Any], run_dir: str) -> dict[str, Any]
         "no_failed_requests": not st.get("requests_failed") and not kv.get("requests_failed"),
     }
     return {
-        "run_dir": run_dir, "status": summary.get("status"),
+        "run_dir": run_dir, "status": summary.get("status"), "interleave": summary.get("interleave"),
         "static": {k: st.get(k) for k in keys}, "kvcached": {k: kv.get(k) for k in keys},
         "decode_ratio": decode_ratio,
         "idle_mem_ratio": _ratio(kv.get("idle_mem_mb"), st.get("idle_mem_mb")),
@@ -90,7 +94,8 @@ def _print_table(r: dict[str, Any]) -> None:
 
     ok = lambda c: "[green]pass[/]" if r["checks"][c] else "[red]fail[/]"  # noqa: E731
     st, kv = r["static"], r["kvcached"]
-    table = Table(title="static vs kvcached vLLM-CPU, same model and bursty workload")
+    table = Table(title="static vs kvcached vLLM-CPU, same model and bursty workload"
+                        + (" (bursts alternating)" if r.get("interleave") else " (servers in turn)"))
     for col, j in (("what", "left"), ("static", "right"), ("kvcached", "right"), ("kvcached/static, goal", "left")):
         table.add_column(col, justify=j)
     table.add_row("idle memory (MB)", _fmt(st["idle_mem_mb"], ".0f"), _fmt(kv["idle_mem_mb"], ".0f"),
@@ -121,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             model, kv_cache_gib=args.kv_cache_gib, bursts=args.bursts, burst_size=args.burst_size,
             burst_every=args.burst_every, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
             idle_s=args.idle, cooldown_s=args.cooldown, root=args.root, experiment="bench_elastic",
-            progress=not args.json)
+            interleave=not args.sequential, progress=not args.json)
     except (ServerError, ValueError) as exc:
         print(f"kvlab bench elastic: {exc}", file=sys.stderr)
         return 2

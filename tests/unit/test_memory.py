@@ -120,8 +120,9 @@ def test_sampler_writes_tidy_csv_on_the_monotonic_clock(memory_tree: tuple[int, 
 
 
 def test_sampler_follows_a_tree_that_exits(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(30 << 20); sys.stdin.read()"],
-                            stdin=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; b = b'x' * (30 << 20); print('ready', flush=True); "
+                             "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
     sampler = MemorySampler([HostTreeSource("short", proc.pid, pss_interval_s=None, refresh_s=0.05)],
                             interval_s=0.01, out_csv=tmp_path / "m.csv").start()
     try:

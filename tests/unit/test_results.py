@@ -52,8 +52,10 @@ def test_records_are_on_disk_immediately(tmp_path: Path) -> None:
 
 
 def test_summary_has_the_contract_fields_per_series(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(40 << 20); sys.stdin.read()"],
-                            stdin=subprocess.PIPE)
+    # Filled (not zero) memory, so its pages are resident; "ready" once it is.
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; b = b'x' * (40 << 20); print('ready', flush=True); "
+                             "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
     try:
         with Run("exp", {}, root=tmp_path) as run:
             with run.sampler([HostTreeSource("static", proc.pid, pss_interval_s=None)]):
@@ -119,11 +121,11 @@ def test_memory_summary_uses_idle_phases() -> None:
 
 
 def test_compare_and_summary_table(tmp_path: Path) -> None:
-    for series, idle, peak in (("static", 3000.0, 3100.0), ("kvcached", 1000.0, 2900.0)):
-        with Run("cmp", {"series": series}, root=tmp_path) as run:
+    for i, (series, idle, peak) in enumerate((("static", 3000.0, 3100.0), ("kvcached", 1000.0, 2900.0))):
+        # Explicit ids: two runs in the same second sort by their random suffix, not by creation.
+        with Run("cmp", {"series": series}, root=tmp_path, run_id=f"20260101-00000{i}-0000") as run:
             run.finish({series: {"idle_mem_mb": idle, "peak_mem_mb": peak, "flex_mb": peak - idle,
                                  "ttft_p50_s": 0.1, "requests_ok": 3, "requests_failed": 0}})
-        time.sleep(0.01)
     runs = sorted((tmp_path / "cmp").iterdir())
     df = compare(*runs)
     assert list(df["series"]) == ["static", "kvcached"]
