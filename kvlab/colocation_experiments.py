@@ -162,9 +162,25 @@ def group_table(group: str | None = None) -> Any:
     return pd.DataFrame(rows, columns=["group", "cap_mb", "members", "used_mb", "reserved_mb", "limit_mb"])
 
 
+VLLM_PEAK_METRICS = ("requests_running", "requests_waiting", "kv_cache_usage")
+
+
+def vllm_peaks(memory: Any, series: str) -> dict[str, float | None]:
+    """The most requests running and waiting, and the highest KV usage (a fraction of the engine's pool), that
+    vLLM's /metrics reported for a series: a peak that fills a static partition shows as usage 1.0 with fewer
+    requests running than were sent."""
+    df = memory[memory["series"] == series]
+    out: dict[str, float | None] = {}
+    for metric in VLLM_PEAK_METRICS:
+        values = df[df["metric"] == metric]["value"]
+        out[f"max_{metric}"] = float(values.max()) if len(values) else None
+    return out
+
+
 def mode_comparison(summary: dict[str, Any], modes: Sequence[str] = ("static", "elastic"),
                     keys: Sequence[str] = ("ttft_p50_s", "ttft_p99_s", "latency_p99_s", "peak_mem_mb",
-                                           "requests_ok", "requests_failed")) -> Any:
+                                           "max_requests_running", "max_kv_cache_usage", "requests_ok",
+                                           "requests_failed")) -> Any:
     """Rows per model, columns per (figure, mode), from series named "<mode>/<model>" in a run summary."""
     import pandas as pd
 

@@ -68,6 +68,7 @@ def test_notebook02_multi_model_colocation(tmp_path: Path) -> None:
     summary = _complete_run(result.run_dir, series + [f"{mode}/{s}" for mode in ("elastic", "static")
                                                        for s in series])
     files = {p.name for p in result.run_dir.iterdir()}
+    assert summary["series"][f"static/{series[0]}"]["max_requests_running"] is not None
     assert {"partB_kv_stacked.png", "partB_memory_stacked.png", "partC_ttft_p99.png",
             "partC_memory_timeline.png"} <= files
     # Part B ran on kvcached engines: their KV records were sampled per model.

@@ -68,3 +68,16 @@ def test_mode_bars_render_a_png(tmp_path: Path) -> None:
     fig = mode_bars(_summary(), path=path)
     assert path.stat().st_size > 1000 and len(fig.axes[0].patches) == 4  # 2 models x 2 modes (None drawn as 0)
     plt.close(fig)
+
+
+def test_vllm_peaks_from_the_memory_timeline() -> None:
+    import pandas as pd
+
+    from kvlab.colocation_experiments import vllm_peaks
+
+    memory = pd.DataFrame([(0.0, "static/m", "requests_running", 3.0), (1.0, "static/m", "requests_running", 21.0),
+                           (1.0, "static/m", "kv_cache_usage", 1.0), (1.0, "elastic/m", "requests_running", 32.0)],
+                          columns=["t_s", "series", "metric", "value"])
+    assert vllm_peaks(memory, "static/m") == {"max_requests_running": 21.0, "max_requests_waiting": None,
+                                              "max_kv_cache_usage": 1.0}
+    assert vllm_peaks(memory, "elastic/m")["max_requests_running"] == 32.0
