@@ -6,6 +6,7 @@ slower), with memory sampled on the request clock, everything written to one run
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,6 +46,18 @@ def decode_tokens_per_s(records: Sequence[Any]) -> float | None:
     if cur_end is not None:
         busy += cur_end - cur_start
     return tokens / busy if busy > 0 and tokens > 0 else None
+
+
+def burst_decode_tokens_per_s(records: Sequence[Any]) -> list[float]:
+    """decode_tokens_per_s of each burst (requests scheduled at the same instant), in time order.
+
+    On a shared machine a neighbour's few seconds of work can stall one burst; the per-burst figures show it,
+    and their median is the speed a typical burst saw."""
+    groups: dict[float, list[Any]] = {}
+    for r in records:
+        groups.setdefault(round(r.scheduled_s, 3), []).append(r)
+    out = [decode_tokens_per_s(recs) for _, recs in sorted(groups.items())]
+    return [v for v in out if v is not None]
 
 
 def time_back_to_idle(memory: Any, series: str, metric: str, after_s: float, idle_level: float,
@@ -229,6 +242,9 @@ def _summaries(run: Run, series: Sequence[str], extra: dict[str, dict[str, Any]]
         s = run.series_summary(name)
         s.update(extra.get(name, {}))
         s["decode_tokens_per_s"] = decode_tokens_per_s(recs)
+        per_burst = burst_decode_tokens_per_s(recs)
+        s["burst_decode_tokens_per_s"] = per_burst
+        s["burst_decode_tokens_per_s_median"] = float(statistics.median(per_burst)) if per_burst else None
         last_end = s.get("last_request_end_s")
         idle = _phase_idle(memory, name, MEM_BYTES, run.phases)
         s["back_to_idle_s"] = (time_back_to_idle(memory, name, MEM_BYTES, last_end, idle, margin)

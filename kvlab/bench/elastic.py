@@ -61,7 +61,8 @@ def _ratio(a: Any, b: Any) -> float | None:
 def result_from_summary(summary: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """The benchmark's figures and verdicts from an elastic_vs_static summary."""
     st, kv = summary["series"].get("static", {}), summary["series"].get("kvcached", {})
-    keys = ("idle_mem_mb", "peak_mem_mb", "flex_mb", "decode_tokens_per_s", "ttft_p50_s", "ttft_p99_s",
+    keys = ("idle_mem_mb", "peak_mem_mb", "flex_mb", "decode_tokens_per_s", "burst_decode_tokens_per_s",
+            "burst_decode_tokens_per_s_median", "ttft_p50_s", "ttft_p99_s",
             "latency_p50_s", "latency_p99_s", "requests_ok", "requests_failed", "back_to_idle_s",
             "kv_back_to_idle_s", "idle_kv_share", "pool_bytes", "idle_kv_reserved_bytes",
             "after_cooldown_kv_reserved_bytes", "after_cooldown_mem_mb", "startup_s")
@@ -77,6 +78,8 @@ def result_from_summary(summary: dict[str, Any], run_dir: str) -> dict[str, Any]
         "run_dir": run_dir, "status": summary.get("status"), "interleave": summary.get("interleave"),
         "static": {k: st.get(k) for k in keys}, "kvcached": {k: kv.get(k) for k in keys},
         "decode_ratio": decode_ratio,
+        "burst_median_decode_ratio": _ratio(kv.get("burst_decode_tokens_per_s_median"),
+                                            st.get("burst_decode_tokens_per_s_median")),
         "idle_mem_ratio": _ratio(kv.get("idle_mem_mb"), st.get("idle_mem_mb")),
         "goals": {"decode_ratio": GOAL_DECODE_RATIO, "back_to_idle_s": GOAL_BACK_TO_IDLE_S,
                   "idle_kv_share": GOAL_IDLE_KV_SHARE},
@@ -103,6 +106,9 @@ def _print_table(r: dict[str, Any]) -> None:
     table.add_row("peak memory (MB)", _fmt(st["peak_mem_mb"], ".0f"), _fmt(kv["peak_mem_mb"], ".0f"), "")
     table.add_row("decode tokens/s", _fmt(st["decode_tokens_per_s"], ".1f"), _fmt(kv["decode_tokens_per_s"], ".1f"),
                   f"{_fmt(r['decode_ratio'], '.3f')} (>= {GOAL_DECODE_RATIO}): {ok('decode_ratio')}")
+    table.add_row("decode tokens/s, median burst", _fmt(st.get("burst_decode_tokens_per_s_median"), ".1f"),
+                  _fmt(kv.get("burst_decode_tokens_per_s_median"), ".1f"),
+                  f"{_fmt(r.get('burst_median_decode_ratio'), '.3f')} (shown; the goal is on all bursts)")
     table.add_row("TTFT p50 (s)", _fmt(st["ttft_p50_s"], ".3f"), _fmt(kv["ttft_p50_s"], ".3f"), "")
     table.add_row("TTFT p99 (s)", _fmt(st["ttft_p99_s"], ".3f"), _fmt(kv["ttft_p99_s"], ".3f"), "")
     table.add_row("back to idle after load (s)", _fmt(st["back_to_idle_s"], ".2f"), _fmt(kv["back_to_idle_s"], ".2f"),

@@ -51,3 +51,12 @@ def test_resolve_device() -> None:
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="device"):
         resolve_device("tpu")
+
+
+def test_burst_decode_speed_groups_by_schedule() -> None:
+    from kvlab.experiments import burst_decode_tokens_per_s
+
+    a, b = _rec(0, 2, 11), _rec(0.5, 2, 11)
+    b.scheduled_s = a.scheduled_s  # same burst
+    c = _rec(10, 15, 11)  # a stalled burst on its own
+    assert burst_decode_tokens_per_s([c, a, b]) == [pytest.approx(20 / 2.0), pytest.approx(10 / 5.0)]
