@@ -5,11 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from kvcached_testing import shm_dir  # noqa: F401
 
 from kvcached.budget import BudgetRecord, set_group_limit
-from kvlab.colocation_experiments import (alternating_offsets, group_table, instances_table, mode_bars,
-                                          mode_comparison, series_names)
-from kvcached_testing import shm_dir  # noqa: F401
+from kvlab.colocation_experiments import (
+    alternating_offsets,
+    group_table,
+    instances_table,
+    mode_bars,
+    mode_comparison,
+    series_names,
+)
 
 MIB = 1 << 20
 

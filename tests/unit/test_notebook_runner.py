@@ -10,8 +10,14 @@ import nbformat
 import pytest
 
 from kvlab.cli import main as kvlab_main
-from kvlab.notebook_runner import (ensure_kernel, parse_parameters, parse_sweeps, parse_value, run_notebook,
-                                   summary_rich_table)
+from kvlab.notebook_runner import (
+    ensure_kernel,
+    parse_parameters,
+    parse_sweeps,
+    parse_value,
+    run_notebook,
+    summary_rich_table,
+)
 
 
 @pytest.mark.parametrize("text, expected", [
