@@ -59,7 +59,7 @@ class ElasticBlockPool:
         self._cached_free: dict[int, float] = {}  # block id -> when it became free with a prefix-cache hash
         self._need: int | None = None  # blocks the current allocate_slots call needs (None: not inside one)
         self._on_close = on_close
-        self._idle_since: float | None = None  # since when nothing but the null block is live
+        self._last_busy = time.monotonic()  # last time a request held a block (the null block aside)
         self._swept = False
         self._closed = threading.Event()
         # The null block (id 0) pads block tables and is read by kernels: its page stays mapped for good.
@@ -182,21 +182,20 @@ class ElasticBlockPool:
             if self._prefetched and self._need is None and now - self._prefetched_at >= self.retention_s:
                 self.manager.free(self._prefetched)
                 self._prefetched = []
-            busy = bool(self._cached_free or self._prefetched) or self.manager.live_blocks() > 1
-        if busy:
-            self._idle_since = None
+            if self._prefetched or self.manager.live_blocks() > 1:
+                self._last_busy = now
+        if now - self._last_busy < self.retention_s:
             self._swept = False
-        elif self._idle_since is None:
-            self._idle_since = now
-        elif now - self._idle_since >= self.retention_s:
-            # Nothing but the null block has been live for a while: give the warm pages back now rather than
-            # after the allocator's own delay, so memory is back to idle soon after the load ends.
-            self.manager.trim()
-            if not self._swept:
-                # A worker whose view was a step behind an unmap may have written a freed page back into the
-                # pool file; punch such strays once per idle period (the region knows which pages are committed).
-                self.manager.region.sweep()
-                self._swept = True
+            return
+        # No request has held a block for the retention time (and the prefix-cache entries it left have just
+        # been evicted above): give the warm pages back now rather than after the allocator's own delay, so
+        # memory is back to idle soon after the load ends.
+        self.manager.trim()
+        if not self._swept:
+            # A worker whose view was a step behind an unmap may have written a freed page back into the
+            # pool file; punch such strays once per idle period (the region knows which pages are committed).
+            self.manager.region.sweep()
+            self._swept = True
 
     def _reclaim_loop(self) -> None:
         while not self._closed.wait(RECLAIM_TICK_S):
