@@ -223,6 +223,56 @@ def tree_pss(pids: Iterable[int]) -> dict[str, int]:
     return tot
 
 
+class SharedFiles:
+    """Bytes committed in shared-memory files a process tree holds open, each file counted once.
+
+    kvcached's host pool is a tmpfs file: the scheduler commits pages with fallocate and the worker maps them
+    when it uses them, so pages committed but not yet touched (the warm reserve, blocks about to be written) hold
+    memory that no process's RSS shows. The file's allocated blocks are the kernel's own count of it. The file is
+    unlinked once both processes hold it, so it is found through /proc/PID/fd; the links are re-read every
+    `rescan_s` seconds and the few matching files are stat'ed at every sample.
+    """
+
+    def __init__(self, rescan_s: float = 1.0) -> None:
+        self.rescan_s = rescan_s
+        self._links: list[str] = []
+        self._scanned_at = float("-inf")
+
+    def _scan(self, pids: Iterable[int]) -> None:
+        links = []
+        for pid in pids:
+            fd_dir = f"/proc/{pid}/fd"
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:
+                continue
+            for fd in fds:
+                link = f"{fd_dir}/{fd}"
+                try:
+                    target = os.readlink(link)
+                except OSError:
+                    continue
+                if target.startswith(("/dev/shm/", "/memfd:")):
+                    links.append(link)
+        self._links = links
+        self._scanned_at = time.monotonic()
+
+    def committed_bytes(self, pids: Iterable[int]) -> int:
+        if time.monotonic() - self._scanned_at >= self.rescan_s:
+            self._scan(pids)
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for link in self._links:
+            try:
+                st = os.stat(link)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+        return total
+
+
 class _TreeProbe:
     def __init__(self, owner: "HostTreeSource", interval_s: float | None, read: Callable[[list[int]], dict]) -> None:
         self.owner = owner
@@ -255,6 +305,7 @@ class HostTreeSource:
         self._walked_at = float("-inf")
         self._lock = threading.Lock()
         self._status = StatusReader()
+        self._shared_files = SharedFiles(rescan_s=refresh_s)
 
     def root_pid(self) -> int | None:
         return self.target if isinstance(self.target, int) else getattr(self.target, "pid", None)
@@ -270,7 +321,13 @@ class HostTreeSource:
 
     def _tree_memory(self, pids: list[int]) -> dict[str, int]:
         self._status.keep_only(pids)
-        return tree_memory(pids, self._status)
+        figures = tree_memory(pids, self._status)
+        # Shared memory is what the tree maps, or what its shared files hold, whichever is larger (see SharedFiles).
+        shm_files = self._shared_files.committed_bytes(pids)
+        figures["shm_file_bytes"] = shm_files
+        if shm_files > figures["rss_shmem_bytes"]:
+            figures[MEM_BYTES] = figures["rss_anon_bytes"] + shm_files
+        return figures
 
     def probes(self) -> list[Probe]:
         out: list[Probe] = [_TreeProbe(self, None, self._tree_memory)]

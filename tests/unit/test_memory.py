@@ -295,3 +295,28 @@ def test_status_reader_keeps_descriptors_and_drops_dead_processes() -> None:
     assert reader(proc.pid) is None  # the descriptor of a dead process reads nothing: never another process
     assert read_status(proc.pid) is None
     reader.close()
+
+
+def test_committed_but_untouched_shared_file_is_counted() -> None:
+    """kvcached's scheduler commits pool pages with fallocate; until the worker touches them no RSS shows them,
+    but they hold memory. The tree figure counts the unlinked tmpfs file's allocated blocks."""
+    code = textwrap.dedent("""
+        import os, sys, time
+        path = f"/dev/shm/kvlab-test-pool-{os.getpid()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.unlink(path)
+        os.posix_fallocate(fd, 0, 64 << 20)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        source = HostTreeSource("pool", child.pid, pss_interval_s=None)
+        figures = source._tree_memory(source.pids())
+        assert figures["rss_shmem_bytes"] < 8 << 20  # nothing mapped...
+        assert figures["shm_file_bytes"] >= 64 << 20  # ...but 64 MiB committed
+        assert figures[memory.MEM_BYTES] >= figures["rss_anon_bytes"] + (64 << 20)
+    finally:
+        child.kill()
+        child.wait()
