@@ -193,9 +193,39 @@ def run_notebook(notebook: Path | str, parameters: Mapping[str, Any] | None = No
                                    cwd=str(cwd) if cwd is not None else None, start_timeout=start_timeout)
     except PapermillExecutionError as exc:
         result.failure = _cell_failure(exc, source)
+        mark_run_failed(run_dir, f"cell {result.failure.cell_index} failed: {result.failure.ename}: "
+                                 f"{result.failure.evalue}", result.failure.traceback)
+    except BaseException as exc:  # the kernel died, or Ctrl-C: the run did not finish either
+        mark_run_failed(run_dir, f"notebook did not finish: {type(exc).__name__}: {exc}")
+        raise
     finally:
         result.elapsed_s = time.monotonic() - started
     return result
+
+
+def mark_run_failed(run_dir: Path | str, error: str, traceback: Sequence[str] = ()) -> bool:
+    """Mark the run's summary.json "failed" with `error` if it still says "running".
+
+    A notebook's cells create the Run and finish it in later cells, so a failing cell in between leaves a
+    summary that looks in progress forever; this is the runner closing it. A summary the notebook already
+    finished or failed is left alone. Returns True when it changed the file."""
+    import json
+
+    from kvlab.results import STATUS_FAILED, STATUS_RUNNING, write_json
+
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False  # no run summary (the notebook failed before creating its Run), or not ours to fix
+    if not isinstance(summary, dict) or summary.get("status") != STATUS_RUNNING:
+        return False
+    summary.update(status=STATUS_FAILED, error=error)
+    write_json(path, summary)
+    error_txt = path.with_name("error.txt")
+    if traceback and not error_txt.exists():
+        error_txt.write_text("\n".join(traceback) + "\n")
+    return True
 
 
 # ---- reporting ----------------------------------------------------------------------------------------------
@@ -264,5 +294,5 @@ def print_report(runs: Sequence[NotebookRun], console: Any = None) -> None:
             console.print("  (no summary.json: the notebook wrote no run summary)")
 
 
-__all__ = ["KERNEL_NAME", "CellFailure", "NotebookRun", "ensure_kernel", "experiment_name", "parse_parameters",
-           "parse_sweeps", "parse_value", "print_report", "run_notebook", "summary_rich_table"]
+__all__ = ["KERNEL_NAME", "CellFailure", "NotebookRun", "ensure_kernel", "experiment_name", "mark_run_failed",
+           "parse_parameters", "parse_sweeps", "parse_value", "print_report", "run_notebook", "summary_rich_table"]

@@ -130,3 +130,34 @@ def test_cli_sweep_runs_each_point_and_prints_summary(tmp_path: Path, capsys: py
     assert sorted(json.loads((r / "params.json").read_text())["x"] for r in runs) == [3, 5]
     assert "kvcached" in out and "80" in out  # idle saving 80 % in the table
     assert summary_rich_table(tmp_path / "nowhere") is None
+
+
+def test_failing_cell_marks_the_runs_summary_failed(tmp_path: Path) -> None:
+    # The Run is created in one cell and finished in a later one; a cell failing in between must not leave a
+    # summary.json that says "running" forever.
+    nb = _notebook(tmp_path / "dies.ipynb", ("code", "from kvlab.results import Run\n"
+                   "run = Run('dies', {'x': x}, run_dir=run_dir)"),
+                   ("code", "raise RuntimeError('engine gone')"),
+                   ("code", "run.finish({})"))
+    result = run_notebook(nb, {"x": 1}, root=tmp_path / "results", progress=False, cwd=tmp_path)
+    assert not result.ok
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "cell 2 failed" in summary["error"] and "RuntimeError: engine gone" in summary["error"]
+    assert summary["experiment"] == "dies" and json.loads((result.run_dir / "params.json").read_text()) == {"x": 1}
+    assert "engine gone" in (result.run_dir / "error.txt").read_text()
+
+
+def test_a_summary_the_notebook_closed_is_left_alone(tmp_path: Path) -> None:
+    # Run as a context manager already marks its own failure (with the real exception); the runner keeps it.
+    nb = _notebook(tmp_path / "closed.ipynb", ("code", "from kvlab.results import Run\n"
+                   "with Run('closed', {}, run_dir=run_dir) as run:\n"
+                   "    raise KeyError('inner')"))
+    result = run_notebook(nb, {}, root=tmp_path / "results", progress=False, cwd=tmp_path)
+    assert not result.ok
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "KeyError: 'inner'"
+    from kvlab.notebook_runner import mark_run_failed
+
+    assert mark_run_failed(result.run_dir, "other") is False
+    assert mark_run_failed(tmp_path / "no-run-here", "other") is False
