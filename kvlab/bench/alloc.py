@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import mmap
 import os
 import statistics
-import sys
 import time
+from kvlab.bench import report
 
 PAGE = 2 << 20
 
@@ -143,13 +142,5 @@ def _print_table(result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = measure(args.backend, args.duration, args.pages, args.device)
-    except (RuntimeError, ValueError, MemoryError) as exc:
-        print(f"kvlab bench alloc: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_table(result)
-    return 0
+    return report("alloc", lambda: measure(args.backend, args.duration, args.pages, args.device), _print_table,
+                  args.json)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvlab.bench import report
 from kvlab.metrics import percentile
 
 RATIO_GOAL = 0.99
@@ -220,13 +221,5 @@ def _print_table(result: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = measure(args.rate, args.duration, args.max_tokens, vllm=not args.no_vllm, tokenizer=args.tokenizer)
-    except (RuntimeError, ValueError, OSError) as exc:
-        print(f"kvlab bench load: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_table(result)
-    return 0
+    return report("load", lambda: measure(args.rate, args.duration, args.max_tokens, vllm=not args.no_vllm,
+                                          tokenizer=args.tokenizer), _print_table, args.json)

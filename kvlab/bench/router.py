@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from kvlab.bench import report
 
 GOAL_ADDED_MS = 1.0
 GOAL_KV_WAKE_S = 0.2
@@ -271,13 +271,4 @@ def run(args: argparse.Namespace) -> int:
     if args.requests < 10:
         print("kvlab bench router: --requests must be >= 10", file=sys.stderr)
         return 2
-    try:
-        result = measure(args.requests, args.real, args.model)
-    except (FileNotFoundError, RuntimeError) as e:
-        print(f"kvlab bench router: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_table(result)
-    return 0
+    return report("router", lambda: measure(args.requests, args.real, args.model), _print_table, args.json)

@@ -9,11 +9,12 @@ PSS runs at 1 Hz: the table shows what 100 Hz of PSS would cost.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from statistics import median
+
+from kvlab.bench import report
 
 GOAL_CPU_PCT = 2.0
 
@@ -118,13 +119,4 @@ def _print_table(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = measure(args.duration, args.rate)
-    except (RuntimeError, ValueError) as exc:
-        print(f"kvlab bench sampler: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_table(result)
-    return 0
+    return report("sampler", lambda: measure(args.duration, args.rate), _print_table, args.json)
