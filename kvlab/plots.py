@@ -14,7 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from kvlab.memory import MEM_BYTES
 
 MB = 1e6
-_PHASE_COLORS = {"warmup": "#dddddd", "load": "#ffd8a8", "idle": "#d3f9d8", "burst": "#ffc9c9"}
+_PHASE_COLORS = {"warmup": "#dddddd", "load": "#ffd8a8", "idle": "#d3f9d8", "burst": "#ffc9c9", "sleep": "#b197fc",
+                 "asleep": "#e5dbff", "wake": "#96f2d7"}  # sleep phases: the router notebook (03)
 
 
 def _pyplot() -> Any:
