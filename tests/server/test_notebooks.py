@@ -87,3 +87,31 @@ def test_notebook00_quickstart(tmp_path: Path, tiny_model_dir: Path) -> None:
     nb = nbformat.read(str(result.executed), as_version=4)
     text = json.dumps([c.get("outputs", []) for c in nb.cells])
     assert "ready at http://" in text and "->" in text
+
+
+def test_notebook03_router_and_sleep(tmp_path: Path) -> None:
+    # A burst of 8 x 144 tokens needs KV pages beyond the first one (which holds the null block) on the tiny model.
+    result = _execute("03_router_and_sleep", tmp_path, burst_size=8, num_bursts=2, burst_gap_s=2.0,
+                      prompt_tokens=128, max_tokens=16, idle_s=1.0, asleep_s=2.0)
+    names = [Path(m).name for m in json.loads((result.run_dir / "params.json").read_text())["models"]]
+    summary = _complete_run(result.run_dir, names)
+    assert {"memory_timeline.png", "process_memory_timeline.png"} <= {p.name for p in result.run_dir.iterdir()}
+    (slept,), (woke,) = summary["sleep"], summary["wake"]
+    model = slept["model"]
+    assert slept["level"] == "kv" and slept["kv_records"] >= 1 and slept["kv_limit_bytes_asleep"] == 0
+    # The sleep freed the burst's KV pages: down to at most the null page, as the router and the probes saw it.
+    null_page_mb = slept["null_page_bytes"] / 1e6
+    assert slept["kv_reserved_before_mb"] > null_page_mb, "the sleep came while the burst held pages"
+    assert slept["kv_reserved_after_mb"] <= null_page_mb and slept["kv_reserved_bytes_asleep"] <= slept["null_page_bytes"]
+    memory = pd.read_csv(result.run_dir / "memory.csv")
+    asleep = next(p for p in summary["phases"] if p["name"] == "asleep" and p["series"] == model)
+    kv = memory[(memory.series == model) & (memory.metric == "kv_reserved_bytes")
+                & memory.t_s.between(asleep["start_s"], asleep["end_s"])]
+    assert len(kv) and kv.value.max() <= slept["null_page_bytes"]
+    # The request after the sleep woke the model and was served.
+    assert woke["model"] == model and woke["request_ok"] is True and woke["wake_reason"] == "request"
+    assert woke["state_now"] == "awake"
+    requests = pd.read_csv(result.run_dir / "requests.csv")
+    wake = next(p for p in summary["phases"] if p["name"] == "wake" and p["series"] == model)
+    sent_in_wake = requests[(requests.series == model) & requests.send_s.between(wake["start_s"], wake["end_s"])]
+    assert list(sent_in_wake.status) == ["ok"]

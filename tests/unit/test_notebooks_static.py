@@ -13,7 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-REQUIRED = {"00_quickstart", "01_elastic_vs_static", "02_multi_model_colocation"}
+REQUIRED = {"00_quickstart", "01_elastic_vs_static", "02_multi_model_colocation", "03_router_and_sleep"}
 
 
 def test_required_notebooks_exist() -> None:
@@ -82,6 +82,14 @@ def test_notebook01_parameters_are_the_documented_ones() -> None:
         assert re.search(rf"^{name} = ", src, re.MULTILINE), name
 
 
+def test_notebook03_parameters_are_the_documented_ones() -> None:
+    nb = nbformat.read(str(REPO / "notebooks" / "03_router_and_sleep.ipynb"), as_version=4)
+    src = _parameters_cell(nb).source
+    for name in ("models", "device", "kv_cache_gib", "sleep_level", "deep_sleep_level", "idle_threshold_s",
+                 "burst_size", "num_bursts", "prompt_tokens", "max_tokens", "asleep_s", "run_dir"):
+        assert re.search(rf"^{name} = ", src, re.MULTILINE), name
+
+
 def test_readme_has_a_colab_badge_per_notebook() -> None:
     readme = (REPO / "README.md").read_text()
     for stem in REQUIRED:
@@ -110,7 +118,7 @@ def test_gpu_workflow_runs_the_notebooks_on_a_self_hosted_gpu_runner() -> None:
     runs = " ".join(step.get("run", "") for step in job["steps"])
     assert "make setup" in runs
     assert "kvlab run" in runs and "-p device cuda" in runs
-    for stem in ("01_elastic_vs_static", "02_multi_model_colocation"):
+    for stem in ("01_elastic_vs_static", "02_multi_model_colocation", "03_router_and_sleep"):
         assert f"notebooks/{stem}.ipynb" in runs
     upload = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact")]
     assert upload and "results/" in upload[0]["with"]["path"] and upload[0].get("if") == "always()"
