@@ -250,6 +250,8 @@ def summary_rich_table(run_dir: Path | str, title: str | None = None) -> Any:
     if not (path / "summary.json").exists():
         return None
     df = summary_table(path)
+    if df.empty:
+        return None  # a run that failed before any series had figures
     table = Table(title=title or f"{path.parent.name}/{path.name}")
     table.add_column("series")
     # Savings are against the series named "static"; without one they would compare with an arbitrary row.
@@ -291,7 +293,7 @@ def print_report(runs: Sequence[NotebookRun], console: Any = None) -> None:
         if table is not None:
             console.print(table)
         elif r.ok:
-            console.print("  (no summary.json: the notebook wrote no run summary)")
+            console.print("  (no summary.json with figures: the notebook wrote no run summary)")
 
 
 __all__ = ["KERNEL_NAME", "CellFailure", "NotebookRun", "ensure_kernel", "experiment_name", "mark_run_failed",

@@ -71,11 +71,15 @@ class RouterFleet:
         return post_json(self.url + path, payload or {}, timeout=timeout)
 
     def check(self) -> None:
-        """Raise if the router's thread died or an engine exited (with the engine's log diagnosis)."""
+        """Raise if the router's thread died or an awake engine exited (with the engine's log diagnosis)."""
+        from kvlab.router.sleep import AWAKE
+
         if self._error:
             raise RuntimeError(f"the router stopped: {self._error[0]!r}") from self._error[0]
         for inst in self.fleet.instances:
-            inst.server.check()
+            # A model asleep at level stop (or on its way there or back) has no engine on purpose.
+            if self.router.sleep.state(inst.inst.served_model_name) == AWAKE:
+                inst.server.check()
 
 
 def _quote(model: str) -> str:
