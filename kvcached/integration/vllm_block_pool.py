@@ -178,7 +178,9 @@ class ElasticBlockPool:
         with self.lock:
             self._forget_uncached()
             if self._cached_free:
-                self._evict_cached(older_than=now - self.retention_s)
+                # Over the limit (kvctl limit, a router's sleep): prefix-cache entries give their pages up now.
+                over = self.manager.budget.over_budget() > 0
+                self._evict_cached(older_than=now if over else now - self.retention_s)
             if self._prefetched and self._need is None and now - self._prefetched_at >= self.retention_s:
                 self.manager.free(self._prefetched)
                 self._prefetched = []

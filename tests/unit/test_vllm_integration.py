@@ -214,3 +214,21 @@ def test_budget_exhaustion_is_a_scheduling_miss(elastic_pool):
     ek.end_allocation()
     assert free < 20  # vLLM's allocate_slots sees too few blocks and returns None: the request waits
     assert record.reserved_bytes <= 2 * manager.layout.logical_page_bytes
+
+
+def test_lowering_the_limit_releases_prefix_cached_blocks_at_once(elastic_pool):
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+    pool, manager, region, record = elastic_pool
+    ek = pool._kvcached
+    ek.retention_s = 60.0
+    blocks = pool.get_new_blocks(8)
+    for i, block in enumerate(blocks):
+        pool._insert_block_hash(make_block_hash_with_group_id(f"p{i}".encode(), 0), block, None)
+    pool.free_blocks(blocks)
+    assert all(manager.is_live(b.block_id) for b in blocks)  # kept for prefix hits
+    record.set_limit(0)  # what a router's `kv` sleep does
+    ek.reclaim_once()
+    assert not any(manager.is_live(b.block_id) for b in blocks)
+    assert all(b.block_hash is None for b in blocks)
+    assert _wait_for(lambda: region.num_mapped == manager.layout.num_layers)
