@@ -3,7 +3,8 @@
     python -m kvlab.bench.noop_backend --port N [--model NAME]
 
 `max_tokens` sets how many chunks a stream sends; an extra body field `noop_chunk_delay` (seconds) paces them,
-which lets tests hold a stream open and watch it being cancelled. GET /noop/stats counts requests, finished
+which lets tests hold a stream open and watch it being cancelled; `noop_linger_after_done` (seconds) keeps the
+body open after `data: [DONE]`, as a slow engine can, so a client that hangs up at [DONE] does so mid-body. GET /noop/stats counts requests, finished
 streams and streams cut off by the client. With --kv-instance it also answers GET /kvcached/stats like a
 kvcached engine would (the router's `kv` sleep level reads it).
 """
@@ -87,6 +88,7 @@ class NoopBackend:
                 chunk = self._chunk(body, i, chat, i == n - 1)
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(float(body.get("noop_linger_after_done") or 0.0))
             await response.write_eof()
             self.stats["streams_finished"] += 1
         except (asyncio.CancelledError, ConnectionResetError):

@@ -15,6 +15,9 @@ from aiohttp import web
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                 "transfer-encoding", "upgrade", "content-length", "host", "content-encoding"}
 RETRY_AFTER_S = 5
+# OpenAI's end-of-stream event. Clients (the openai package among them) hang up as soon as they read it, often
+# before the engine has ended the HTTP body, so a stream counts as complete once this has been relayed.
+_SSE_DONE = b"data: [DONE]"
 
 
 def error_response(status: int, message: str, err_type: str, code: str | None = None,
@@ -40,7 +43,7 @@ class ForwardResult:
 
     def __init__(self) -> None:
         self.status = 0
-        self.completed = False  # the whole answer reached the client
+        self.completed = False  # the whole answer (for a stream: up to [DONE]) reached the client
         self.response: web.StreamResponse | None = None  # set once headers went out: no error reply is possible
 
     @property
@@ -54,23 +57,30 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
     to the client (the caller answers 503); after that, errors end the stream."""
     upstream = await session.post(url, data=body, headers=_forward_headers(request.headers),
                                   timeout=timeout or aiohttp.ClientTimeout(total=None, sock_connect=10))
+    body_read = False  # only a fully read upstream connection may go back to the pool
     try:
         result.status = upstream.status
         headers = _forward_headers(upstream.headers)
         if not upstream.content_type.startswith("text/event-stream"):
             payload = await upstream.read()
-            result.completed = True
+            body_read = result.completed = True
             return web.Response(body=payload, status=upstream.status, headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
         result.response = response
+        tail = b""  # the last bytes relayed, so a [DONE] split across two chunks is still seen
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)  # raises once the client has gone: the finally closes upstream
+            seen = tail + chunk
+            if _SSE_DONE in seen:
+                result.completed = True
+            tail = seen[-len(_SSE_DONE):]
+        body_read = True
         await response.write_eof()
         result.completed = True
         return response
     finally:
-        if result.completed:
+        if body_read:
             upstream.release()
         else:
             upstream.close()

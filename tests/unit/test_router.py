@@ -185,6 +185,25 @@ def test_streaming_passes_every_chunk_through():
     run(scenario())
 
 
+def test_client_hanging_up_at_done_counts_as_a_success():
+    """The openai package closes the connection as soon as it reads [DONE], before the engine ends the body."""
+    async def scenario():
+        async with running_router() as f, aiohttp.ClientSession() as s:
+            resp = await s.post(f.url + "/v1/completions",
+                                json={"model": "noop-a", "prompt": "x", "stream": True, "max_tokens": 3,
+                                      "noop_linger_after_done": 0.5})
+            while not (await resp.content.readline()).startswith(b"data: [DONE]"):
+                pass
+            resp.close()  # hang up mid-body, right after [DONE]
+            for _ in range(100):
+                stats = f.router.traffic.model_stats("noop-a")
+                if stats["successful_requests"] + stats["failed_requests"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert stats["successful_requests"] == 1 and stats["failed_requests"] == 0
+    run(scenario())
+
+
 def test_client_disconnect_mid_stream_cancels_the_backend_request():
     async def scenario():
         async with running_router() as f:
