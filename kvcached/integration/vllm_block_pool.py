@@ -184,7 +184,10 @@ class ElasticBlockPool:
             if self._prefetched and self._need is None and now - self._prefetched_at >= self.retention_s:
                 self.manager.free(self._prefetched)
                 self._prefetched = []
-            if self._prefetched or self.manager.live_blocks() > 1:
+            # Only blocks a request holds count: cached-free and prefetched blocks have their own clocks above,
+            # and counting them here would make the trim wait a second retention period after the load ends.
+            held = self.manager.live_blocks() - len(self._cached_free) - len(self._prefetched) - 1  # - null block
+            if held > 0:
                 self._last_busy = now
         if now - self._last_busy < self.retention_s:
             self._swept = False

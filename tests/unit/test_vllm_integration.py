@@ -232,3 +232,23 @@ def test_lowering_the_limit_releases_prefix_cached_blocks_at_once(elastic_pool):
     assert not any(manager.is_live(b.block_id) for b in blocks)
     assert all(b.block_hash is None for b in blocks)
     assert _wait_for(lambda: region.num_mapped == manager.layout.num_layers)
+
+
+def test_prefix_cached_blocks_do_not_count_as_busy(elastic_pool):
+    """Memory returns one retention period after the last request, not two: blocks only the prefix cache holds
+    must not restart the idle clock that the trim waits on."""
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+    pool, manager, region, _ = elastic_pool
+    ek = pool._kvcached
+    ek.retention_s = 60.0
+    blocks = pool.get_new_blocks(4)
+    ek.reclaim_once()
+    assert ek._last_busy >= time.monotonic() - 1.0  # a request holds blocks: busy
+    for i, block in enumerate(blocks):
+        pool._insert_block_hash(make_block_hash_with_group_id(f"q{i}".encode(), 0), block, None)
+    pool.free_blocks(blocks)
+    freed_at = time.monotonic()
+    ek.reclaim_once()
+    assert all(manager.is_live(b.block_id) for b in blocks)  # still kept for prefix hits
+    assert ek._last_busy <= freed_at  # ...but nobody is busy
