@@ -330,7 +330,16 @@ async def _drive(targets: Sequence[Target], plan: list[_Planned], duration_s: fl
     records = RecordList()
     bar = tqdm(total=len(plan), desc="requests", unit="req", disable=not progress, leave=False)
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
-    tasks: list[asyncio.Task] = []
+    # Only requests still in flight: finished ones drop out, so the final gather is over a handful of tasks.
+    # Gathering all of them (thousands at high rates) blocked the loop long enough to send the last one ~20 ms late.
+    tasks: set[asyncio.Task] = set()
+    failures: list[BaseException] = []  # a bug in a request task (or in on_record) is raised, not lost
+
+    def finished(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            failures.append(task.exception())  # type: ignore[arg-type]
+
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
                                      read_bufsize=1 << 20, trust_env=False) as session:
         t0 = start_at if start_at is not None else now() + lead_s
@@ -350,11 +359,15 @@ async def _drive(targets: Sequence[Target], plan: list[_Planned], duration_s: fl
         try:
             for item in plan:
                 await _sleep_until(t0 + item.offset)
-                tasks.append(asyncio.create_task(one(item)))
+                task = asyncio.create_task(one(item))
+                tasks.add(task)
+                task.add_done_callback(finished)
             if tasks:
                 await asyncio.gather(*tasks)
+            if failures:
+                raise failures[0]
         finally:
-            for task in tasks:
+            for task in list(tasks):
                 task.cancel()
             bar.close()
     return records
