@@ -99,33 +99,19 @@ def alternating_bursts(run: Run, colo: Colocation, *, series: Sequence[str], rou
     with run.sampler(memory_sources(colo, series, device), interval_s=interval_s):
         for server in colo:  # one request each: the first request pays one-off costs (compilation, caches)
             server.complete("warm up", max_tokens=2)
-        with _phases(run, "idle", series):
+        with run.phase_for_each("idle", series):
             _wait(idle_s, colo)
         targets = [Target(url=s.url, model=s.model_name, series=name, prompts=prompt_tokens, max_tokens=max_tokens,
                           arrival=alternating_offsets(len(colo), i, rounds=rounds, burst_size=burst_size,
                                                       gap_s=gap_s))
                    for i, (s, name) in enumerate(zip(colo, series))]
         targets = [t for t in targets if list(t.arrival)]  # type: ignore[arg-type]
-        with _phases(run, "load", series):
+        with run.phase_for_each("load", series):
             records = run_workload(targets, None, seed=seed, on_record=run.record, progress=progress)
-        with _phases(run, "cooldown", series):
+        with run.phase_for_each("cooldown", series):
             _wait(cooldown_s, colo)
     return list(records)
 
-
-class _phases:
-    """run.phase for several series at once (same start and end), so each series finds its own phases."""
-
-    def __init__(self, run: Run, name: str, series: Sequence[str]) -> None:
-        self._cms = [run.phase(name, series=s) for s in series]
-
-    def __enter__(self) -> None:
-        for cm in self._cms:
-            cm.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        for cm in reversed(self._cms):
-            cm.__exit__(*exc)
 
 
 def _wait(seconds: float, colo: Colocation) -> None:

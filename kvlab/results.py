@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -219,6 +219,12 @@ class Run:
             ph.end_s = now()
             self._sample_boundary()
             self._write_summary(self.summary.get("series", {}) if self.summary else {}, self.status)
+
+    @contextmanager
+    def phase_for_each(self, name: str, series: Sequence[str]) -> Iterator[list[Phase]]:
+        """One phase per series, all with the same span (servers side by side), so each series finds its own."""
+        with ExitStack() as stack:
+            yield [stack.enter_context(self.phase(name, series=s)) for s in series]
 
     def _sample_boundary(self) -> None:
         for s in self._samplers:

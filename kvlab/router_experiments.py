@@ -234,26 +234,12 @@ def alternating_bursts(run: Run, rf: RouterFleet, *, rounds: int, burst_size: in
                                                        seed=seed + i)
         targets.append(Target(url=rf.url, model=name, series=name, prompts=prompts, max_tokens=max_tokens,
                               arrival=offsets))
-    with _phases(run, "idle", rf.names):
+    with run.phase_for_each("idle", rf.names):
         _wait(idle_s, rf)
-    with _phases(run, "load", rf.names):
+    with run.phase_for_each("load", rf.names):
         records = run_workload(targets, None, seed=seed, on_record=run.record, progress=progress)
     return list(records)
 
-
-class _phases:
-    """run.phase for several series at once, so each series finds its own phases."""
-
-    def __init__(self, run: Run, name: str, series: Sequence[str]) -> None:
-        self._cms = [run.phase(name, series=s) for s in series]
-
-    def __enter__(self) -> None:
-        for cm in self._cms:
-            cm.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        for cm in reversed(self._cms):
-            cm.__exit__(*exc)
 
 
 def _wait(seconds: float, rf: RouterFleet) -> None:

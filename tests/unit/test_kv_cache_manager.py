@@ -1,6 +1,5 @@
 """KVCacheManager on the real host Region: placement, release rules, limits, a model check, and contention."""
 import multiprocessing
-import os
 import random
 import threading
 import time

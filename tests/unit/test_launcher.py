@@ -1,7 +1,6 @@
 """kvlab.launcher on a plain process tree (no vLLM): the tree dies with the launching process."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
