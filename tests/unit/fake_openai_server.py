@@ -63,6 +63,13 @@ class FakeOpenAIServer:
             asyncio.set_event_loop(self._loop)
             self._loop.run_until_complete(serve())
             self._loop.run_forever()
+            # After stop(): end the handlers the runner's cleanup left behind (a stream whose client hung up), so
+            # they are not destroyed pending when the interpreter exits.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.close()
 
         self._thread = threading.Thread(target=run, name="fake-openai-server", daemon=True)
         self._thread.start()
