@@ -55,6 +55,18 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+def set_aside_log(path: Path) -> Path | None:
+    """Rename an earlier run's log to NAME.1.log, NAME.2.log... (the first free number), so a restart of the same
+    server (the router's `stop` sleep level wakes it this way) keeps the log of the run before. None if no log."""
+    if not path.exists():
+        return None
+    n = 1
+    while (older := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(older)
+    return older
+
+
 def _kill_tree(launcher: subprocess.Popen, timeout: float) -> None:
     """Stop a launcher and everything under it: SIGTERM first (the launcher passes it on to the server's
     group), then SIGKILL for whatever is left after `timeout`. Safe to call more than once."""
@@ -238,6 +250,7 @@ class VLLMServer:
         log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="kvlab-server-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{self.name}.log"
+        set_aside_log(self.log_path)
         env = self.environment()
         cmd = [sys.executable, "-m", "kvlab.launcher", "--"] + self.command()
         with open(self.log_path, "wb") as log:

@@ -84,3 +84,15 @@ def test_free_ports_are_free_and_not_repeated():
 @pytest.mark.parametrize("url", ["http://h:1", "http://h:1/", "http://h:1/v1", "http://h:1/v1/"])
 def test_root_url(url):
     assert root_url(url) == "http://h:1"
+
+
+def test_a_restart_keeps_the_earlier_log(tmp_path):
+    from kvlab.server import set_aside_log
+
+    log = tmp_path / "m.log"
+    assert set_aside_log(log) is None  # first start: nothing to keep
+    for run in ("first", "second"):
+        log.write_text(run)
+        set_aside_log(log)
+    assert not log.exists()
+    assert (tmp_path / "m.1.log").read_text() == "first" and (tmp_path / "m.2.log").read_text() == "second"
