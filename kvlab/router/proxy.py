@@ -15,9 +15,27 @@ from aiohttp import web
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                 "transfer-encoding", "upgrade", "content-length", "host", "content-encoding"}
 RETRY_AFTER_S = 5
-# OpenAI's end-of-stream event. Clients (the openai package among them) hang up as soon as they read it, often
-# before the engine has ended the HTTP body, so a stream counts as complete once this has been relayed.
-_SSE_DONE = b"data: [DONE]"
+
+
+class DoneWatcher:
+    """Sees OpenAI's end-of-stream event `data: [DONE]` go by in relayed SSE bytes, even split across chunks.
+
+    Clients (the openai package among them) hang up as soon as they read it, often before the engine has ended
+    the HTTP body, so a stream counts as complete once it has been relayed. It is matched at the start of a line:
+    generated text can contain the words, but its JSON never holds a raw newline.
+    """
+
+    _EVENT = b"\ndata: [DONE]"
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._tail = b"\n"  # the stream starts a line
+
+    def feed(self, chunk: bytes) -> bool:
+        window = self._tail + chunk
+        self.seen = self.seen or self._EVENT in window
+        self._tail = window[-len(self._EVENT):]
+        return self.seen
 
 
 def error_response(status: int, message: str, err_type: str, code: str | None = None,
@@ -68,13 +86,11 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
         result.response = response
-        tail = b""  # the last bytes relayed, so a [DONE] split across two chunks is still seen
+        done = DoneWatcher()
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)  # raises once the client has gone: the finally closes upstream
-            seen = tail + chunk
-            if _SSE_DONE in seen:
+            if done.feed(chunk):
                 result.completed = True
-            tail = seen[-len(_SSE_DONE):]
         body_read = True
         await response.write_eof()
         result.completed = True

@@ -185,6 +185,19 @@ def test_streaming_passes_every_chunk_through():
     run(scenario())
 
 
+def test_done_watcher_sees_the_end_event_only_at_a_line_start():
+    from kvlab.router.proxy import DoneWatcher
+
+    stream = b'data: {"text": "data: [DONE]"}\n\ndata: [DONE]\n\n'
+    end = stream.rindex(b"data: [DONE]")
+    for cut in range(1, len(stream)):  # every split into two chunks
+        w = DoneWatcher()
+        first = w.feed(stream[:cut])
+        assert first == (cut >= end + len(b"data: [DONE]")), cut  # the words inside the JSON text do not count
+        assert w.feed(stream[cut:])
+    assert DoneWatcher().feed(b"data: [DONE]\n\n")  # a stream that is only the end event
+
+
 def test_client_hanging_up_at_done_counts_as_a_success():
     """The openai package closes the connection as soon as it reads [DONE], before the engine ends the body."""
     async def scenario():
