@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import psutil
 import pytest
+from process_watch import wait_gone
 
 from kvlab.server import free_port
 
@@ -253,7 +254,4 @@ def test_sigterm_stops_every_engine(serve):
     assert len(pids) >= 4, "two launchers and their engines"
     serve.proc.send_signal(signal.SIGTERM)
     assert serve.proc.wait(timeout=120) == 0
-    deadline = time.monotonic() + 30
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
-        assert time.monotonic() < deadline, "engine processes outlived kvlab serve"
-        time.sleep(0.5)
+    assert wait_gone(pids, 30) == [], "engine processes outlived kvlab serve"

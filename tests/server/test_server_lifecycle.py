@@ -9,11 +9,11 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from process_watch import live, wait_gone
 
 from kvlab.client import send_requests
 from kvlab.colocation import Colocation
@@ -24,24 +24,6 @@ pytestmark = pytest.mark.server
 
 ORPHAN_DEADLINE_S = 10
 TEST_POOL_GIB = 0.5
-
-
-def live(pids: list[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while live(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return live(pids)
 
 
 def test_completion_and_chat_completion(static_server: VLLMServer):

@@ -9,30 +9,13 @@ import textwrap
 import time
 
 import psutil
+from process_watch import live, wait_gone
 
 # A stand-in for vLLM: a process with two children, one of which has a child of its own (4 in all).
 TREE = [sys.executable, "-c", "import subprocess, time, sys; "
         "subprocess.Popen(['sleep', '300']); "
         "subprocess.Popen([sys.executable, '-c', 'import subprocess, time; subprocess.Popen([\"sleep\", \"300\"]); time.sleep(300)']); "
         "time.sleep(300)"]
-
-
-def live(pids: list[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while live(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return live(pids)
 
 
 def tree_of(pid: int, size: int, timeout: float = 10) -> list[int]:
