@@ -264,13 +264,18 @@ class Router:
                               f"{TOKEN_ENV}) when the router listens on a non-local address",
                               "authentication_error", "invalid_api_key")
 
-    async def sleep_model(self, request: web.Request) -> web.Response:
+    def _sleep_wake_target(self, request: web.Request) -> str | web.Response:
+        """The model a sleep or wake call names, or the 401/404 that refuses it."""
         denied = self._unauthorized(request)
         if denied:
             return denied
         model = self._model_from_path(request)
-        if model not in self.backends:
-            return self._unknown_model(model)
+        return model if model in self.backends else self._unknown_model(model)
+
+    async def sleep_model(self, request: web.Request) -> web.Response:
+        model = self._sleep_wake_target(request)
+        if isinstance(model, web.Response):
+            return model
         try:
             entry = await self.sleep.sleep(model, manual=True)
         except SleepError as e:
@@ -278,12 +283,9 @@ class Router:
         return web.json_response({"message": f"model {model} is asleep", "model": model, **entry})
 
     async def wake_model(self, request: web.Request) -> web.Response:
-        denied = self._unauthorized(request)
-        if denied:
-            return denied
-        model = self._model_from_path(request)
-        if model not in self.backends:
-            return self._unknown_model(model)
+        model = self._sleep_wake_target(request)
+        if isinstance(model, web.Response):
+            return model
         try:
             out = await self.sleep.wake(model, reason="manual")
         except SleepError as e:
