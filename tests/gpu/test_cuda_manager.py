@@ -33,15 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def torch_cuda():
-    torch = pytest.importorskip("torch", reason="torch is needed to run kernels on the region's memory")
-    if not torch.cuda.is_available():
-        pytest.skip("torch in this environment has no CUDA support (a CPU build): install a CUDA torch to run this")
-    torch.cuda.init()
-    return torch
-
-
-@pytest.fixture(scope="module")
 def records_dir():
     """A private KVCACHED_SHM_DIR for the module (hypothesis examples share it; each closes its record)."""
     path = tempfile.mkdtemp(prefix="kvcached-gpu-mgr-", dir="/dev/shm")

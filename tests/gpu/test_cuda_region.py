@@ -22,15 +22,6 @@ def gran() -> int:
     return _core.granularity("cuda", 0)
 
 
-@pytest.fixture(scope="module")
-def torch_cuda():
-    torch = pytest.importorskip("torch", reason="torch is needed to run kernels on the region's memory")
-    if not torch.cuda.is_available():
-        pytest.skip("torch in this environment has no CUDA support (a CPU build): install a CUDA torch to run this")
-    torch.cuda.init()
-    return torch
-
-
 def test_reserve_map_unmap_release(gran: int) -> None:
     region = _core.Region(8 * gran, gran, backend="cuda")
     assert region.backend == "cuda" and region.device == 0
