@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from kvcached.budget import BudgetRecord
 from kvcached.layout import KVLayout
-from kvcached.page_allocator import Backend, PageAllocator
+from kvcached.page_allocator import MappableRegion, PageAllocator
 
 _MEMINFO_TTL_S = 0.05
 
@@ -59,7 +59,7 @@ def host_available_bytes() -> int:
     return value
 
 
-def physical_free_bytes(region: Backend) -> int:
+def physical_free_bytes(region: MappableRegion) -> int:
     """Free physical memory on the region's device: MemAvailable for host, cuMemGetInfo for cuda."""
     if getattr(region, "backend", "host") == "cuda":
         from kvcached import _core
@@ -70,7 +70,7 @@ def physical_free_bytes(region: Backend) -> int:
 class KVCacheManager:
     """Live-block bookkeeping on top of a PageAllocator. Thread-safe."""
 
-    def __init__(self, layout: KVLayout, region: Backend, budget_record: BudgetRecord, *,
+    def __init__(self, layout: KVLayout, region: MappableRegion, budget_record: BudgetRecord, *,
                  reserve_pages: int | None = None, reclaim_delay_s: float | None = None,
                  background: bool = True) -> None:
         self.layout = layout

@@ -11,6 +11,7 @@ or rolled back under the lock again.
 """
 from __future__ import annotations
 
+import enum
 import math
 import os
 import threading
@@ -26,11 +27,26 @@ RESERVE_PAGES_ENV = "KVCACHED_RESERVE_PAGES"
 DEFAULT_RECLAIM_DELAY_S = 1.0
 DEFAULT_RESERVE_PAGES = 2
 
-UNMAPPED, MAPPING, IN_USE, IDLE, UNMAPPING, PREFETCHING = range(6)
-_STATE_NAMES = ("unmapped", "mapping", "in use", "idle", "unmapping", "prefetching")
+class PageState(enum.IntEnum):
+    """Where a logical page is in its life. MAPPING, UNMAPPING and PREFETCHING are held while a backend call runs
+    outside the lock; nobody else touches a page in those states."""
+
+    UNMAPPED = 0
+    MAPPING = 1
+    IN_USE = 2
+    IDLE = 3
+    UNMAPPING = 4
+    PREFETCHING = 5
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", " ")
 
 
-class Backend(Protocol):
+UNMAPPED, MAPPING, IN_USE, IDLE, UNMAPPING, PREFETCHING = PageState
+
+
+class MappableRegion(Protocol):
     """What the allocator needs from kvcached._core.Region."""
 
     page_size: int
@@ -64,7 +80,7 @@ def _env_float(name: str, default: float) -> float:
 class PageAllocator:
     """Maps logical pages of one region on demand, against a BudgetRecord. Thread-safe."""
 
-    def __init__(self, layout: KVLayout, region: Backend, budget: BudgetRecord, *,
+    def __init__(self, layout: KVLayout, region: MappableRegion, budget: BudgetRecord, *,
                  reserve_pages: int | None = None, reclaim_delay_s: float | None = None,
                  background: bool = True) -> None:
         if region.page_size != layout.page_size:
@@ -82,7 +98,7 @@ class PageAllocator:
         self.reclaim_delay_s = (_env_float(RECLAIM_DELAY_ENV, DEFAULT_RECLAIM_DELAY_S)
                                 if reclaim_delay_s is None else reclaim_delay_s)
         n = layout.num_logical_pages
-        self._state = bytearray(n)  # one of UNMAPPED..PREFETCHING per logical page
+        self._state = bytearray(n)  # a PageState per logical page (bytes: cheap to scan)
         self._idle_since: dict[int, float] = {}  # insertion order = oldest idle first
         self._in_use = 0
         self._mapped = 0  # IN_USE + IDLE + UNMAPPING (memory still committed)
@@ -171,7 +187,8 @@ class PageAllocator:
         with self._cond:
             wrong = [p for p in pages if self._state[p] != IN_USE]
             if wrong:
-                raise ValueError(f"logical pages {wrong[:8]} are not in use ({_STATE_NAMES[self._state[wrong[0]]]}): "
+                state = PageState(self._state[wrong[0]]).label
+                raise ValueError(f"logical pages {wrong[:8]} are not in use ({state}): "
                                  "double release?")
             now = time.monotonic()
             for p in pages:
@@ -309,7 +326,6 @@ class PageAllocator:
                 if self._stopped:
                     return
             try:
-                self.budget.heartbeat()
                 self.reclaim()
                 self._top_up()
             except Exception as exc:  # keep reclaiming; a transient error must not leak memory forever
@@ -317,7 +333,7 @@ class PageAllocator:
 
     # Introspection / shutdown -----------------------------------------------------------------------------
     def page_state(self, page: int) -> str:
-        return _STATE_NAMES[self._state[page]]
+        return PageState(self._state[page]).label
 
     def idle_pages(self) -> list[int]:
         with self._cond:

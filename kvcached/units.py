@@ -41,7 +41,8 @@ def parse_percent(text: str | float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"invalid percentage {str(text).strip()!r}: give a number from 0 to 100, e.g. 50 or 50%") from None
+        raise ValueError(f"invalid percentage {str(text).strip()!r}: give a number from 0 to 100, "
+                         "e.g. 50 or 50%") from None
     if not math.isfinite(value) or not 0.0 <= value <= 100.0:
         raise ValueError(f"invalid percentage {str(text).strip()!r}: give a number from 0 to 100")
     return value

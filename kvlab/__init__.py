@@ -1,4 +1,7 @@
-"""kvlab: the experiment lab for LLM serving memory (servers, workloads, probes, results, plots, router).
+"""kvlab: the experiment lab for LLM serving memory (engines, workloads, probes, run directories, router).
+
+Rooms, each a layer that imports only the ones below it (docs/architecture.md):
+    commands, bench, notebooks  ->  experiments  ->  runs  ->  engines  ->  router  ->  probes  ->  load
 
 Public names are imported on first use, so `import kvlab` stays fast and never pulls in vLLM or torch.
 """
@@ -11,39 +14,43 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "VLLMServer": "kvlab.server",
-    "Colocation": "kvlab.colocation",
-    "ServerError": "kvlab.errors",
-    "diagnose": "kvlab.errors",
-    "send_requests": "kvlab.client",
-    "wait_ready": "kvlab.client",
+    "VLLMServer": "kvlab.engines.server",
+    "Colocation": "kvlab.engines.colocation",
+    "ServerError": "kvlab.engines.errors",
+    "diagnose": "kvlab.engines.errors",
+    "send_requests": "kvlab.load.client",
+    "wait_ready": "kvlab.load.client",
+    "ArrivalSpec": "kvlab.load.arrivals",
+    "Target": "kvlab.load.workload",
+    "run_workload": "kvlab.load.workload",
+    "summarize": "kvlab.load.metrics",
+    "MemorySampler": "kvlab.probes",
+    "Run": "kvlab.runs",
+    "load_run": "kvlab.runs",
+    "compare": "kvlab.runs",
+    "summary_table": "kvlab.runs",
+    "elastic_vs_static": "kvlab.experiments.elastic",
     "TinyModelSpec": "kvlab.tiny_model",
     "write_tiny_model": "kvlab.tiny_model",
-    "MemorySampler": "kvlab.memory",
-    "Run": "kvlab.results",
-    "load_run": "kvlab.results",
-    "compare": "kvlab.results",
-    "summary_table": "kvlab.results",
-    "elastic_vs_static": "kvlab.experiments",
-    "ArrivalSpec": "kvlab.arrivals",
-    "Target": "kvlab.workload",
-    "run_workload": "kvlab.workload",
-    "summarize": "kvlab.metrics",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__", "VLLMServer", "Colocation", "ServerError", "diagnose", "send_requests", "wait_ready",
+    "ArrivalSpec", "Target", "run_workload", "summarize", "MemorySampler", "Run", "load_run", "compare",
+    "summary_table", "elastic_vs_static", "TinyModelSpec", "write_tiny_model",
+]
 
 if TYPE_CHECKING:
-    from kvlab.client import send_requests, wait_ready
-    from kvlab.colocation import Colocation
-    from kvlab.errors import ServerError, diagnose
-    from kvlab.experiments import elastic_vs_static
-    from kvlab.memory import MemorySampler
-    from kvlab.results import Run, compare, load_run, summary_table
-    from kvlab.server import VLLMServer
-    from kvlab.arrivals import ArrivalSpec
-    from kvlab.workload import Target, run_workload
-    from kvlab.metrics import summarize
+    from kvlab.engines.colocation import Colocation
+    from kvlab.engines.errors import ServerError, diagnose
+    from kvlab.engines.server import VLLMServer
+    from kvlab.experiments.elastic import elastic_vs_static
+    from kvlab.load.arrivals import ArrivalSpec
+    from kvlab.load.client import send_requests, wait_ready
+    from kvlab.load.metrics import summarize
+    from kvlab.load.workload import Target, run_workload
+    from kvlab.probes import MemorySampler
+    from kvlab.runs import Run, compare, load_run, summary_table
     from kvlab.tiny_model import TinyModelSpec, write_tiny_model
 
 

@@ -39,8 +39,10 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-# The project itself: rebuilt when its sources change (pip's own check is cheap when nothing did).
-src_hash=$(cat pyproject.toml CMakeLists.txt csrc/* 2>/dev/null | sha1sum | cut -c1-12)
+# The project itself: rebuilt when the extension's sources or the module layout change. The editable install maps
+# module names to files when it is made, so a module that moved or became a package needs a fresh install.
+src_hash=$( (cat pyproject.toml CMakeLists.txt csrc/*; find kvcached kvlab -name '*.py' | sort) 2>/dev/null \
+  | sha1sum | cut -c1-12)
 if [ ! -f "$STAMPS/project-$src_hash" ]; then
   say "installing the project (builds the kvcached extension)"
   pip install -q -e ".[test]"

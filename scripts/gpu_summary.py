@@ -54,7 +54,8 @@ def summarise(folder: Path) -> tuple[dict, str]:
         lines.append("pytest -m gpu tests/gpu: no report (see log.txt)")
     lines += ["", "| µs per 2 MiB page, median (p90) | map | unmap |", "| --- | --- | --- |"]
     if alloc:
-        lines.append(f"| ours, PageAllocator + budget, handle pool | {_cell(alloc, 'map_us')} | {_cell(alloc, 'unmap_us')} |")
+        lines.append(f"| ours, PageAllocator + budget, handle pool | {_cell(alloc, 'map_us')} | "
+                     f"{_cell(alloc, 'unmap_us')} |")
         lines.append(f"| ours, PageAllocator + budget, no pool | {_cell(alloc, 'map_nopool_us')} | "
                      f"{_cell(alloc, 'unmap_nopool_us')} |")
     if ours and "error" not in ours:

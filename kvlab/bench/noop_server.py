@@ -1,68 +1,183 @@
-"""A no-op OpenAI-compatible server that records when each request arrives (time.monotonic).
+"""A no-op OpenAI-compatible server: answers at once (or as slowly as asked), so what is measured is the client or
+the router in front of it, never a model.
 
-It answers /v1/completions and /v1/chat/completions at once with canned tokens, streamed or not, so a
-load generator can be measured where its requests land, with no model in the way. It runs in its own
-process (`python -m kvlab.bench.noop_server`) so the client's event loop and the server's never share a
-thread; time.monotonic is system-wide on Linux, so its stamps compare with the client's.
+    python -m kvlab.bench.noop_server [--port N] [--model NAME] [--kv-instance NAME]
 
-  GET  /arrivals   JSON list of [monotonic_s, X-Request-Id or null], in arrival order
-  POST /reset      forget the arrivals
-  GET  /v1/models  one model, "noop"
+It stamps each request's arrival with time.monotonic() (system-wide on Linux, so comparable with a client's stamps
+in another process) and streams `max_tokens` chunks `t0 t1 ...`, with a usage chunk when the request asks for it
+(`stream_options.include_usage`), as vLLM does. Two extra body fields help tests: `noop_chunk_delay` (seconds
+between chunks, to hold a stream open and watch it being cancelled) and `noop_linger_after_done` (keep the body
+open after `data: [DONE]`, as a slow engine can). With --kv-instance it also answers GET /kvcached/stats like a
+kvcached engine would (the router's `kv` sleep level reads it).
+
+  GET  /arrivals     JSON list of [monotonic_s, X-Request-Id or null], in arrival order
+  POST /reset        forget the arrivals
+  GET  /noop/stats   requests, finished streams, streams cut off by the client, streams active
+  GET  /v1/models    the one model
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import subprocess
 import sys
 import time
+from typing import Any
 
 from aiohttp import web
 
-MODEL = "noop"
+DEFAULT_MODEL = "noop"
 
 
-def make_app() -> web.Application:
-    arrivals: list[tuple[float, str | None]] = []
+class NoopServer:
+    """The no-op server's state and its aiohttp app."""
 
-    async def completions(request: web.Request) -> web.StreamResponse:
+    def __init__(self, model: str = DEFAULT_MODEL, kv_instance: str | None = None) -> None:
+        self.model = model
+        self.kv_instance = kv_instance
+        self.arrivals: list[tuple[float, str | None]] = []
+        self.stats = {"requests": 0, "streams_finished": 0, "streams_cancelled": 0, "active": 0}
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/arrivals", self.get_arrivals)
+        app.router.add_post("/reset", self.reset)
+        app.router.add_get("/noop/stats", self.noop_stats)
+        app.router.add_get("/kvcached/stats", self.kvcached_stats)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def get_arrivals(self, request: web.Request) -> web.Response:
+        return web.json_response(self.arrivals)
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.arrivals.clear()
+        return web.json_response({"ok": True})
+
+    async def noop_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats)
+
+    async def kvcached_stats(self, request: web.Request) -> web.Response:
+        if not self.kv_instance:
+            return web.json_response({"enabled": False, "instance": None, "instances": []})
+        return web.json_response({"enabled": True, "instance": self.kv_instance})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=True)
+
+    def _chunk(self, body: dict, text: str, chat: bool, final: bool) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if final else None}
+        if chat:
+            choice["delta" if body.get("stream") else "message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": "noop-1", "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": body.get("model", self.model), "choices": [choice]}
+
+    async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
         # Stamp before reading the body: the arrival is when the request reached the server.
-        arrivals.append((time.monotonic(), request.headers.get("X-Request-Id")))
+        self.arrivals.append((time.monotonic(), request.headers.get("X-Request-Id")))
         body = await request.json()
-        chat = "messages" in body
+        self.stats["requests"] += 1
         n = max(1, int(body.get("max_tokens") or 1))
         usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
         if not body.get("stream"):
-            choice = {"index": 0, "message": {"role": "assistant", "content": "x" * n}} if chat else \
-                {"index": 0, "text": "x" * n}
-            return web.json_response({"id": "noop", "object": "text_completion", "model": MODEL,
-                                      "choices": [choice], "usage": usage})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        choice = {"index": 0, "delta": {"content": "x"}} if chat else {"index": 0, "text": "x"}
-        token = b"data: " + json.dumps({"id": "noop", "model": MODEL, "choices": [choice]}).encode() + b"\n\n"
-        tail = b"data: " + json.dumps({"id": "noop", "model": MODEL, "choices": [], "usage": usage}).encode() \
-            + b"\n\ndata: [DONE]\n\n"
-        await resp.write(token * n + tail)
-        await resp.write_eof()
-        return resp
+            out = self._chunk(body, " ".join(f"t{i}" for i in range(n)), chat, True)
+            out["usage"] = usage
+            return web.json_response(out)
+        delay = float(body.get("noop_chunk_delay") or 0.0)
+        chunks = [b"data: " + json.dumps(self._chunk(body, f"t{i}", chat, i == n - 1)).encode() + b"\n\n"
+                  for i in range(n)]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append(b"data: " + json.dumps({"id": "noop-1", "model": body.get("model", self.model),
+                                                   "choices": [], "usage": usage}).encode() + b"\n\n")
+        chunks.append(b"data: [DONE]\n\n")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        self.stats["active"] += 1
+        try:
+            if delay:
+                for chunk in chunks:
+                    await asyncio.sleep(delay)
+                    await response.write(chunk)
+            else:  # one write: at 1000 req/s the server must not be the bottleneck of what it measures
+                await response.write(b"".join(chunks))
+            await asyncio.sleep(float(body.get("noop_linger_after_done") or 0.0))
+            await response.write_eof()
+            self.stats["streams_finished"] += 1
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.stats["streams_cancelled"] += 1
+            raise
+        finally:
+            self.stats["active"] -= 1
+        return response
 
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
-    async def get_arrivals(request: web.Request) -> web.Response:
-        return web.json_response(arrivals)
+async def start_noop_server(host: str, port: int, model: str = DEFAULT_MODEL,
+                            kv_instance: str | None = None) -> tuple[web.AppRunner, NoopServer]:
+    """Start it on the running loop (tests); returns the runner to clean up and the server for its stats."""
+    server = NoopServer(model, kv_instance)
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner, server
 
-    async def reset(request: web.Request) -> web.Response:
-        arrivals.clear()
-        return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/arrivals", get_arrivals)
-    app.router.add_post("/reset", reset)
-    return app
+class NoopServerProcess:
+    """The no-op server in a child process (benchmarks: its event loop never shares a thread with the client's);
+    stopped on exit."""
+
+    def __init__(self, model: str = DEFAULT_MODEL) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvlab.bench.noop_server", "--port", "0",
+                                      "--model", model], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RuntimeError(f"no-op server did not start: {line!r} {self.proc.stderr.read()[-2000:]!r}")
+        self.url = line.split("listening on ", 1)[1].strip()
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def _call(self, method: str, path: str) -> Any:
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.load(resp)
+
+    def reset(self) -> None:
+        self._call("POST", "/reset")
+
+    def arrivals(self) -> list[float]:
+        return [t for t, _ in self._call("GET", "/arrivals")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self) -> "NoopServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port (printed on stdout)")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--kv-instance", default=None, help="answer /kvcached/stats as this kvcached engine")
     args = parser.parse_args(argv)
-
-    import asyncio
+    server = NoopServer(args.model, args.kv_instance)
 
     async def serve() -> None:
-        runner = web.AppRunner(make_app(), access_log=None)
+        runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port, backlog=4096)
         await site.start()

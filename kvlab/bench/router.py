@@ -16,7 +16,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from kvlab.bench import report
+from kvlab.bench.noop_server import NoopServerProcess
 
 GOAL_ADDED_MS = 1.0
 GOAL_KV_WAKE_S = 0.2
@@ -82,7 +84,7 @@ def _wait_http(url: str, timeout: float = 30) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+                raise RuntimeError(f"{url} did not answer within {timeout:.0f} s") from None
             time.sleep(0.05)
 
 
@@ -104,7 +106,7 @@ class _Proc:
 
 def _start_router(backends: list[tuple[str, str, int]], workdir: Path) -> tuple[_Proc, str]:
     """`kvlab router` in a subprocess over (name, model, port) backends."""
-    from kvlab.server import free_port
+    from kvlab.engines.ports import free_port
 
     port = free_port()
     lines = [f"router: {{router_port: {port}}}", "instances:"]
@@ -120,13 +122,10 @@ def _start_router(backends: list[tuple[str, str, int]], workdir: Path) -> tuple[
 
 
 def noop_overhead(n: int, workdir: Path) -> dict:
-    from kvlab.server import free_port
-
-    port = free_port()
-    backend = _Proc([sys.executable, "-m", "kvlab.bench.noop_backend", "--port", str(port), "--model", "noop"])
+    backend = NoopServerProcess("noop")
+    port = backend.port
     router = None
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health")
         router, url = _start_router([("noop", "noop", port)], workdir)
         return asyncio.run(_overhead(f"http://127.0.0.1:{port}", url, "noop", n, max_tokens=8))
     finally:
@@ -158,7 +157,8 @@ async def _sleep_levels(router, model: str, url: str, rounds: int) -> dict:
                 last = router.sleep.status()["models"][model]["last_sleep"]
                 _, first_e2e = await _one(session, url, model, False, 4)  # wakes it
                 wake = router.sleep.status()["models"][model]["last_wake"]
-                rows.append({"freed_pss_bytes": entry.get("freed_bytes", 0), "freed_kv_bytes": entry.get("freed_kv_bytes"),
+                rows.append({"freed_pss_bytes": entry.get("freed_bytes", 0),
+                             "freed_kv_bytes": entry.get("freed_kv_bytes"),
                              "pss_before": last["memory_before"]["pss_bytes"],
                              "pss_after": last["memory_after"]["pss_bytes"],
                              "kv_reserved_after": last["memory_after"].get("kv_reserved_bytes"),
@@ -180,11 +180,11 @@ async def _sleep_levels(router, model: str, url: str, rounds: int) -> dict:
 
 
 def real_engine(model_dir: str, n: int, workdir: Path) -> dict:
-    """One kvcached tiny engine under kvlab.fleet: overhead through an in-process router, then sleep levels."""
-    from kvlab.fleet import Fleet
-    from kvlab.fleet_config import parse_fleet_config
+    """One kvcached tiny engine under kvlab.engines.fleet: overhead through an in-process router, then sleep levels."""
+    from kvlab.engines.fleet import Fleet
+    from kvlab.engines.fleet_config import parse_fleet_config
+    from kvlab.engines.ports import free_port
     from kvlab.router.app import Router, serve_app
-    from kvlab.server import free_port
 
     if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"no model at {model_dir}: run `kvlab tiny-model {model_dir}` or pass --model")
@@ -195,7 +195,7 @@ def real_engine(model_dir: str, n: int, workdir: Path) -> dict:
                        "engine_args": "--served-model-name bench-kv --max-model-len 1024"}]}, check_ports=False)
     fleet = Fleet(config, workdir / "logs", progress=False)
     with fleet:
-        direct = fleet.instances[0].url
+        direct = fleet.engines[0].url
         overhead_router, routed = _start_router([("bench-kv", "bench-kv", int(direct.rsplit(":", 1)[1]))], workdir)
         try:
             overhead = asyncio.run(_overhead(direct, routed, "bench-kv", max(10, n // 10), max_tokens=4))

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampler_cost(root: int, interval_s: float, duration: float, pss_interval_s: float | None) -> dict:
-    from kvlab.memory import HostTreeSource, MemorySampler
+    from kvlab.probes import HostTreeSource, MemorySampler
 
     sampler = MemorySampler([HostTreeSource("bench", root, pss_interval_s=pss_interval_s)], interval_s=interval_s)
     t0 = time.monotonic()
@@ -71,7 +71,7 @@ def _read_cost_us(read, pids: list[int], reps: int) -> float:
 
 def measure(duration: float = 5.0, rate: float = 100.0) -> dict:
     """Run the benchmark; returns the dict that --json prints."""
-    from kvlab.memory import process_tree, tree_memory, tree_pss
+    from kvlab.probes.proc import process_tree, tree_memory, tree_pss
 
     if duration <= 0 or rate <= 0:
         raise ValueError("--duration and --rate must be > 0")

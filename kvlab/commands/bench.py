@@ -8,7 +8,8 @@ import importlib
 BENCHMARKS = {
     "alloc": ("kvlab.bench.alloc", "map/unmap µs per 2 MiB page vs first-touch memset"),
     "sampler": ("kvlab.bench.sampler", "CPU share of one core for 100 Hz memory sampling of a process tree"),
-    "elastic": ("kvlab.bench.elastic", "static vs kvcached vLLM-CPU: idle/peak memory, decode speed, back-to-idle time"),
+    "elastic": ("kvlab.bench.elastic",
+                "static vs kvcached vLLM-CPU: idle/peak memory, decode speed, back-to-idle time"),
     "router": ("kvlab.bench.router", "router overhead ms (TTFT, e2e) vs direct; sleep levels: freed memory, wake s"),
     "load": ("kvlab.bench.load", "workload pacing at 1000 req/s: kvlab vs vLLM's benchmark client, at a no-op server"),
 }

@@ -6,7 +6,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from kvlab.arrivals import add_arrival_arguments
+    from kvlab.load.arrivals import add_arrival_arguments
 
     p = sub.add_parser("load", help="run a workload against a server; write requests.csv and summary.json",
                        description=__doc__)
@@ -62,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from kvlab.arrivals import spec_from_args
-    from kvlab.client import served_model
-    from kvlab.metrics import SLO, RequestsCsvWriter, summarize
-    from kvlab.prompts import TokenizeUnavailable
-    from kvlab.workload import Target, run_workload
+    from kvlab.load.arrivals import spec_from_args
+    from kvlab.load.client import served_model
+    from kvlab.load.metrics import SLO, summarize
+    from kvlab.load.prompts import TokenizeUnavailable
+    from kvlab.load.records import RequestsCsvWriter
+    from kvlab.load.workload import Target, run_workload
 
     try:
         spec = spec_from_args(args)

@@ -17,10 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from kvlab.fleet_config import FleetConfigError, load_fleet_config
-    from kvlab.router.backends import Backend
-    from kvlab.router.runner import build_router, run_router, share_shm_dir
-    from kvlab.server import port_in_use
+    from kvlab.engines.fleet import backend_of, use_fleet_shm_dir
+    from kvlab.engines.fleet_config import FleetConfigError, load_fleet_config
+    from kvlab.engines.ports import port_in_use
+    from kvlab.router.app import Router
+    from kvlab.router.runner import run_router
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -37,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
     if port_in_use(port, host if host in ("127.0.0.1", "0.0.0.0") else "0.0.0.0"):
         print(f"kvlab router: port {port} is already in use: pass --port with a free one", file=sys.stderr)
         return 2
-    share_shm_dir(config)
-    router = build_router(config, [Backend.from_instance(config, inst) for inst in config.instances])
-    print(f"kvlab router: http://{host}:{port} -> " + ", ".join(f"{b.model} @ {b.url}" for b in router.backends.values()),
+    use_fleet_shm_dir(config)
+    router = Router([backend_of(config, inst) for inst in config.instances], config.router, config.sleep_manager)
+    targets = ", ".join(f"{b.model} @ {b.url}" for b in router.backends.values())
+    print(f"kvlab router: http://{host}:{port} -> {targets}",
           flush=True)
     run_router(router, host, port)
     return 0

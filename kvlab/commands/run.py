@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvlab.notebook_runner import parse_parameters, parse_sweeps, print_report, run_notebook
+    from kvlab.notebooks.runner import parse_parameters, parse_sweeps, print_report, run_notebook
 
     try:
         params = parse_parameters(args.parameter, args.parameters_file)

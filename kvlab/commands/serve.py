@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import logging
 
-    from kvlab.errors import ServerError
-    from kvlab.fleet import Fleet
-    from kvlab.fleet_config import FleetConfigError, load_fleet_config
-    from kvlab.router.runner import build_router, run_router, share_shm_dir
+    from kvlab.engines.errors import ServerError
+    from kvlab.engines.fleet import Fleet, use_fleet_shm_dir
+    from kvlab.engines.fleet_config import FleetConfigError, load_fleet_config
+    from kvlab.router.runner import run_router
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -58,10 +58,11 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.router.router_host
     port = args.port or config.router.router_port
-    log_dir = Path(args.log_dir or Path(".cache") / "kvlab" / "serve" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    log_dir = Path(args.log_dir or Path(".cache") / "kvlab" / "serve" / stamp)
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(config, log_dir, progress=sys.stderr.isatty())
-    router = build_router(config, fleet.backends()) if config.router.enable_router else None
+    router = fleet.router() if config.router.enable_router else None
     if router:
         router.check_bind(host)  # before minutes of engine start-up, not after
 
@@ -72,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         try:
             fleet.check()
-            print(f"kvlab serve: starting {len(fleet.instances)} engine(s), logs in {log_dir}", flush=True)
+            print(f"kvlab serve: starting {len(fleet.engines)} engine(s), logs in {log_dir}", flush=True)
             fleet.start()
         except FleetConfigError as e:
             print(f"kvlab serve: {e}", file=sys.stderr)
@@ -82,12 +83,12 @@ def serve(args: argparse.Namespace) -> int:
             return 1
         state = {"router": f"http://{host}:{port}" if router else None, "pid": os.getpid(),
                  "instances": [{"name": i.inst.name, "model": i.inst.served_model_name, "url": i.url,
-                                "log": str(log_dir / f"{i.inst.name}.log")} for i in fleet.instances]}
+                                "log": str(log_dir / f"{i.inst.name}.log")} for i in fleet.engines]}
         (log_dir / "fleet.json").write_text(json.dumps(state, indent=2))
         for inst in state["instances"]:
             print(f"kvlab serve: {inst['name']} ({inst['model']}) ready at {inst['url']}", flush=True)
         if router:  # from here the router's event loop handles SIGTERM and SIGINT
-            share_shm_dir(config)
+            use_fleet_shm_dir(config)
             print(f"kvlab serve: router on http://{host}:{port}", flush=True)
             run_router(router, host, port)
         else:
@@ -111,7 +112,7 @@ def _wait_for_signal() -> None:
 
 
 def _get(url: str) -> object:
-    from kvlab.client import get_json
+    from kvlab.load.client import get_json
 
     return get_json(url, timeout=10)
 
@@ -119,7 +120,7 @@ def _get(url: str) -> object:
 def status(args: argparse.Namespace) -> int:
     url = args.router
     if url is None and args.config:
-        from kvlab.fleet_config import load_fleet_config
+        from kvlab.engines.fleet_config import load_fleet_config
 
         config = load_fleet_config(args.config, check_ports=False)
         url = f"http://{config.router.router_host}:{config.router.router_port}"

@@ -33,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec.validate()
     except ValueError as e:
-        raise SystemExit(f"kvlab tiny-model: {e}")
+        raise SystemExit(f"kvlab tiny-model: {e}") from None
     print(format_summary(write_tiny_model(args.directory, spec)))
     return 0

@@ -16,9 +16,9 @@ from typing import Iterable
 import aiohttp
 from aiohttp import web
 
-from kvlab.fleet_config import RouterSettings, SleepSettings
 from kvlab.router.backends import Backend
 from kvlab.router.proxy import ForwardResult, backend_down, error_response, forward, parse_body
+from kvlab.router.settings import RouterSettings, SleepSettings
 from kvlab.router.sleep import ModelAsleep, SleepError, SleepLevel, SleepManager
 from kvlab.router.traffic import TrafficMonitor
 

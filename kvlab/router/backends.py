@@ -8,11 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvlab.fleet_config import FleetConfig, InstanceConfig
-
 
 class ProcessControl(Protocol):
-    """The engine's process tree, as `kvlab serve` supervises it (kvlab.fleet.SupervisedInstance)."""
+    """The engine's process tree, as `kvlab serve` supervises it (kvlab.engines.fleet.SupervisedEngine)."""
 
     def pids(self) -> list[int]: ...
 
@@ -32,13 +30,6 @@ class Backend:
     sleep_mode: bool = False  # started with --enable-sleep-mode (vLLM's level-1 sleep)
     sleep_level: str | None = None  # configured level; None: the default for this device
     process: ProcessControl | None = None
-
-    @classmethod
-    def from_instance(cls, config: FleetConfig, inst: InstanceConfig,
-                      process: ProcessControl | None = None) -> "Backend":
-        return cls(name=inst.name, model=inst.served_model_name, url=inst.url, engine=inst.engine,
-                   kvcached=config.uses_kvcached(inst), sleep_mode=inst.sleep_mode_enabled,
-                   sleep_level=inst.sleep_level or config.sleep_manager.sleep_level, process=process)
 
 
 def pids_listening_on(port: int) -> list[int]:

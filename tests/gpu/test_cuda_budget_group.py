@@ -67,7 +67,7 @@ def test_two_processes_share_a_capped_group_on_cuda(tmp_path, monkeypatch) -> No
                 p.wait()
         budget.set_group_limit(group, None)
         shutil.rmtree(shm, ignore_errors=True)
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, f"worker failed:\n{err[-3000:]}"
     reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert samples > 20

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from kvlab.server import VLLMServer
+from kvlab.engines.server import VLLMServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Small pool: enough for the tests' requests, cheap in host memory.

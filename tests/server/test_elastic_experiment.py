@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from kvlab.experiments import elastic_vs_static
-from kvlab.memory import KV_RESERVED_BYTES, MEM_BYTES, PSS_MEM_BYTES
+from kvlab.probes import KV_RESERVED_BYTES, MEM_BYTES, PSS_MEM_BYTES
 
 pytestmark = pytest.mark.server
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import TEST_KV_CACHE_GIB
 
 from kvcached import budget
-from kvlab import client
-from kvlab.server import VLLMServer
-
-from conftest import TEST_KV_CACHE_GIB
+from kvlab.engines.server import VLLMServer
+from kvlab.load import client
 
 pytestmark = pytest.mark.server
 

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from kvlab.notebook_runner import NotebookRun, run_notebook
+from kvlab.notebooks.runner import NotebookRun, run_notebook
 
 pytestmark = pytest.mark.server
 

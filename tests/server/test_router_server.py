@@ -22,7 +22,7 @@ import psutil
 import pytest
 from process_watch import wait_gone
 
-from kvlab.server import free_port
+from kvlab.engines.ports import free_port
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[2]

@@ -15,10 +15,10 @@ import psutil
 import pytest
 from process_watch import live, wait_gone
 
-from kvlab.client import send_requests
-from kvlab.colocation import Colocation
-from kvlab.errors import ServerError
-from kvlab.server import VLLMServer
+from kvlab.engines.colocation import Colocation
+from kvlab.engines.errors import ServerError
+from kvlab.engines.server import VLLMServer
+from kvlab.load.client import send_requests
 
 pytestmark = pytest.mark.server
 
@@ -95,7 +95,7 @@ def test_no_orphans_when_the_launching_process_is_sigkilled(tiny_model_dir: Path
     script = tmp_path / "launch.py"
     script.write_text(textwrap.dedent(f"""
         import json, time
-        from kvlab.server import VLLMServer
+        from kvlab.engines.server import VLLMServer
         server = VLLMServer({str(tiny_model_dir)!r}, kv_cache_gib=0.5, log_dir={str(tmp_path)!r},
                             name="orphan", progress=False).start()
         print(json.dumps(server.pids(include_launcher=True)), flush=True)

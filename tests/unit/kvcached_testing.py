@@ -1,9 +1,6 @@
-"""Shared helpers for the kvcached unit tests: a per-test records directory and region factories."""
+"""Shared helpers for the kvcached unit tests: region factories and a recording stand-in for a Region."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 from typing import Sequence
 
@@ -19,7 +16,7 @@ def core_region_class():
     return getattr(_core, "Region", None)
 
 
-class RecordingBackend:
+class RecordingRegion:
     """TEST DOUBLE for the allocator logic only: remembers which pages are mapped, can be told to fail.
 
     It also records whether a lock it is given was held during a backend call, which the allocator promises
@@ -46,7 +43,7 @@ class RecordingBackend:
         self._check_lock()
         if self.fail_next_map:
             self.fail_next_map = False
-            raise MemoryError("injected by RecordingBackend")
+            raise MemoryError("injected by RecordingRegion")
         self.maps += 1
         self.mapped |= set(pages)
 
@@ -63,7 +60,7 @@ class RecordingBackend:
 
 def make_region(kind: str, size: int, page_size: int):
     if kind == "recording":
-        return RecordingBackend(size, page_size)
+        return RecordingRegion(size, page_size)
     region_cls = core_region_class()
     if region_cls is None:
         pytest.skip("kvcached._core.Region is not built: run `.venv/bin/pip install -q -e .[test]`")
@@ -72,24 +69,9 @@ def make_region(kind: str, size: int, page_size: int):
 
 def mapped_pages(region) -> set[int]:
     """Pages committed in the region: the double's record, or the real Region's is_mapped state."""
-    if isinstance(region, RecordingBackend):
+    if isinstance(region, RecordingRegion):
         return set(region.mapped)
     return {p for p in range(region.num_pages) if region.is_mapped(p)}
 
 
-@pytest.fixture
-def shm_dir(monkeypatch):
-    """A fresh KVCACHED_SHM_DIR under /dev/shm for this test, removed afterwards."""
-    path = tempfile.mkdtemp(prefix="kvcached-test-", dir="/dev/shm")
-    monkeypatch.setenv("KVCACHED_SHM_DIR", path)
-    monkeypatch.delenv("KVCACHED_IPC_NAME", raising=False)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(params=["recording", "host"])
-def region_kind(request) -> str:
-    return request.param
-
-
-__all__ = ["RecordingBackend", "make_region", "mapped_pages", "shm_dir", "region_kind", "core_region_class", "os"]
+__all__ = ["RecordingRegion", "make_region", "mapped_pages", "core_region_class"]

@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from kvlab import arrivals
-from kvlab.arrivals import ArrivalSpec, add_arrival_arguments, from_spec, spec_from_args
+from kvlab.load import arrivals
+from kvlab.load.arrivals import ArrivalSpec, add_arrival_arguments, from_spec, spec_from_args
 
 
 def take_until(gen, horizon):

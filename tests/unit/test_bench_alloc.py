@@ -2,9 +2,9 @@
 import json
 
 import pytest
+from kvcached_testing import core_region_class
 
 from kvcached import budget
-from kvcached_testing import core_region_class, shm_dir  # noqa: F401
 from kvlab.cli import main
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from kvcached import budget
 from kvcached.budget import BudgetRecord
-from kvcached_testing import shm_dir  # noqa: F401
 
 M = 1 << 20
 

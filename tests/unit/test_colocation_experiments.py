@@ -1,21 +1,16 @@
-"""kvlab.colocation_experiments without engines: schedules, names, kvcached tables on real budget records, and
-the per-mode comparison and figure."""
+"""What the colocation experiment uses, without engines: schedules, names, kvcached tables on real budget records,
+and the per-mode comparison and figure."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from kvcached_testing import shm_dir  # noqa: F401
 
 from kvcached.budget import BudgetRecord, set_group_limit
-from kvlab.colocation_experiments import (
-    alternating_offsets,
-    group_table,
-    instances_table,
-    mode_bars,
-    mode_comparison,
-    series_names,
-)
+from kvlab.experiments.common import alternating_offsets, series_names
+from kvlab.probes.kvcached_records import group_table, instances_table
+from kvlab.runs.compare import mode_comparison
+from kvlab.runs.plots import mode_bars
 
 MIB = 1 << 20
 
@@ -79,7 +74,7 @@ def test_mode_bars_render_a_png(tmp_path: Path) -> None:
 def test_vllm_peaks_from_the_memory_timeline() -> None:
     import pandas as pd
 
-    from kvlab.colocation_experiments import vllm_peaks
+    from kvlab.runs.memory_figures import vllm_peaks
 
     memory = pd.DataFrame([(0.0, "static/m", "requests_running", 3.0), (1.0, "static/m", "requests_running", 21.0),
                            (1.0, "static/m", "kv_cache_usage", 1.0), (1.0, "elastic/m", "requests_running", 32.0)],

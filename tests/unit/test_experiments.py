@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 
 from kvlab.bench.elastic import result_from_summary
-from kvlab.experiments import decode_tokens_per_s, resolve_device, time_back_to_idle
-from kvlab.memory import MEM_BYTES
-from kvlab.workload import RequestRecord
+from kvlab.experiments.common import resolve_device
+from kvlab.experiments.elastic import decode_tokens_per_s, time_back_to_idle
+from kvlab.load.records import RequestRecord
+from kvlab.probes import MEM_BYTES
 
 
 def _rec(first: float, end: float, tokens: int, status: str = "ok") -> RequestRecord:
@@ -54,7 +55,7 @@ def test_resolve_device() -> None:
 
 
 def test_burst_decode_speed_groups_by_schedule() -> None:
-    from kvlab.experiments import burst_decode_tokens_per_s
+    from kvlab.experiments.elastic import burst_decode_tokens_per_s
 
     a, b = _rec(0, 2, 11), _rec(0.5, 2, 11)
     b.scheduled_s = a.scheduled_s  # same burst

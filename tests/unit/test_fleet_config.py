@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvlab.cli import main
-from kvlab.fleet_config import FleetConfigError, load_fleet_config, parse_fleet_config
+from kvlab.engines.fleet_config import FleetConfigError, load_fleet_config, parse_fleet_config
 
 REPO = Path(__file__).resolve().parents[2]
 

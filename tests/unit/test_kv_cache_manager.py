@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from kvcached_testing import core_region_class, make_region, mapped_pages
 
 from kvcached import budget
 from kvcached.budget import BudgetRecord
 from kvcached.kv_cache_manager import KVCacheManager
 from kvcached.layout import KVLayout
-from kvcached_testing import core_region_class, make_region, mapped_pages, region_kind, shm_dir  # noqa: F401
 
 P = 4096
 

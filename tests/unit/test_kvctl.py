@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_budget import spawn_victim
 
 from kvcached import budget
 from kvcached.budget import BudgetRecord
 from kvcached.cli import kvctl
-from kvcached_testing import shm_dir  # noqa: F401
-from test_budget import spawn_victim
 
 M = 1 << 20
 

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from kvlab.client import root_url
-from kvlab.colocation import Colocation
-from kvlab.server import GiB, VLLMServer, free_port, port_in_use
+from kvlab.engines.colocation import Colocation
+from kvlab.engines.ports import free_port, port_in_use
+from kvlab.engines.server import GiB, VLLMServer
+from kvlab.load.client import root_url
 
 
 def test_import_kvlab_never_imports_vllm_or_torch():
@@ -87,7 +88,7 @@ def test_root_url(url):
 
 
 def test_a_restart_keeps_the_earlier_log(tmp_path):
-    from kvlab.server import set_aside_log
+    from kvlab.engines.server import set_aside_log
 
     log = tmp_path / "m.log"
     assert set_aside_log(log) is None  # first start: nothing to keep

@@ -2,11 +2,11 @@
 import signal
 from pathlib import Path
 
+from test_budget import spawn_victim
+
 from kvcached import budget
 from kvcached.budget import BudgetRecord
 from kvcached.cli import kvtop
-from kvcached_testing import shm_dir  # noqa: F401
-from test_budget import spawn_victim
 
 M = 1 << 20
 

@@ -1,4 +1,4 @@
-"""kvlab.launcher on a plain process tree (no vLLM): the tree dies with the launching process."""
+"""kvlab.engines.launcher on a plain process tree (no vLLM): the tree dies with the launching process."""
 from __future__ import annotations
 
 import os
@@ -30,7 +30,7 @@ def tree_of(pid: int, size: int, timeout: float = 10) -> list[int]:
 
 
 def test_sigterm_stops_the_whole_group_and_reports_it():
-    launcher = subprocess.Popen([sys.executable, "-m", "kvlab.launcher", "--grace", "2", "--", *TREE],
+    launcher = subprocess.Popen([sys.executable, "-m", "kvlab.engines.launcher", "--grace", "2", "--", *TREE],
                                 start_new_session=True, stderr=subprocess.PIPE, text=True)
     try:
         tree = tree_of(launcher.pid, 4)
@@ -46,7 +46,7 @@ def test_the_tree_dies_when_the_launching_process_is_sigkilled(tmp_path):
     parent_script.write_text(textwrap.dedent(f"""
         import json, subprocess, sys, time
         # stderr to a pipe that dies with this process: the launcher's report must not break its clean-up.
-        launcher = subprocess.Popen([sys.executable, "-m", "kvlab.launcher", "--grace", "2", "--", *{TREE!r}],
+        launcher = subprocess.Popen([sys.executable, "-m", "kvlab.engines.launcher", "--grace", "2", "--", *{TREE!r}],
                                     start_new_session=True, stderr=subprocess.PIPE)
         print(launcher.pid, flush=True)
         time.sleep(300)
@@ -63,13 +63,13 @@ def test_the_tree_dies_when_the_launching_process_is_sigkilled(tmp_path):
 
 
 def test_exit_code_of_the_command_is_passed_through():
-    rc = subprocess.run([sys.executable, "-m", "kvlab.launcher", "--", sys.executable, "-c", "raise SystemExit(7)"],
+    rc = subprocess.run([sys.executable, "-m", "kvlab.engines.launcher", "--", sys.executable, "-c", "raise SystemExit(7)"],
                         timeout=30).returncode
     assert rc == 7
 
 
 def test_a_missing_command_says_so():
-    out = subprocess.run([sys.executable, "-m", "kvlab.launcher", "--", "no-such-command-kvlab"],
+    out = subprocess.run([sys.executable, "-m", "kvlab.engines.launcher", "--", "no-such-command-kvlab"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 127 and "cannot run 'no-such-command-kvlab'" in out.stderr
 
@@ -81,7 +81,7 @@ def test_the_tree_survives_the_exit_of_the_launching_thread(tmp_path):
     parent_script.write_text(textwrap.dedent(f"""
         import subprocess, sys, threading, time
         def launch():
-            launcher = subprocess.Popen([sys.executable, "-m", "kvlab.launcher", "--grace", "2", "--",
+            launcher = subprocess.Popen([sys.executable, "-m", "kvlab.engines.launcher", "--grace", "2", "--",
                                          *{TREE!r}], start_new_session=True)
             print(launcher.pid, flush=True)
         t = threading.Thread(target=launch)

@@ -3,10 +3,9 @@ import json
 
 import pytest
 
-from fake_openai_server import fake_openai_server  # noqa: F401
 from kvlab.bench.load import pacing
 from kvlab.cli import main
-from kvlab.metrics import read_requests_csv
+from kvlab.load.records import read_requests_csv
 
 
 def test_load_writes_requests_and_summary(fake_openai_server, tmp_path, capsys):

@@ -12,9 +12,11 @@ from typing import Iterator
 
 import pytest
 
-from kvlab import memory
-from kvlab.memory import (HostTreeSource, KvcachedSource, MemorySampler, NvmlSource, parse_prometheus,
-                          process_tree, read_memory_csv, tree_memory, tree_pss, visible_devices)
+from kvlab import probes as memory
+from kvlab.probes import HostTreeSource, KvcachedSource, MemorySampler, NvmlSource, process_tree, read_memory_csv
+from kvlab.probes.nvml import visible_devices
+from kvlab.probes.proc import tree_memory, tree_pss
+from kvlab.probes.vllm_metrics import parse_prometheus
 
 MiB = 1 << 20
 SHARED_MB = 96
@@ -175,7 +177,7 @@ def test_parse_prometheus_sums_label_sets() -> None:
 
 
 def test_vllm_metrics_source_without_server_gives_no_samples() -> None:
-    from kvlab.server import free_port
+    from kvlab.engines.ports import free_port
 
     source = memory.VllmMetricsSource("s", f"http://127.0.0.1:{free_port()}", timeout_s=0.5)
     assert source.read() == []
@@ -280,7 +282,7 @@ def test_one_failing_probe_does_not_stop_the_others(tmp_path: Path) -> None:
 
 
 def test_status_reader_keeps_descriptors_and_drops_dead_processes() -> None:
-    from kvlab.memory import StatusReader, read_status
+    from kvlab.probes.proc import StatusReader, read_status
 
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     reader = StatusReader()

@@ -1,9 +1,14 @@
 """Metric formulas on hand-made records; failed requests stay out of latency percentiles."""
 import pytest
 
-from kvlab.metrics import (SLO, RequestsCsvWriter, append_requests_csv, percentile, read_requests_csv, summarize,
-                           summarize_by_series, write_requests_csv)
-from kvlab.workload import RequestRecord
+from kvlab.load.metrics import SLO, percentile, summarize, summarize_by_series
+from kvlab.load.records import (
+    RequestRecord,
+    RequestsCsvWriter,
+    append_requests_csv,
+    read_requests_csv,
+    write_requests_csv,
+)
 
 
 def rec(i, *, send, ttft=None, chunks=(), end=None, out=None, status="ok", series="a", prompt=10):

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 from kvlab.cli import main as kvlab_main
-from kvlab.notebook_runner import (
+from kvlab.notebooks.runner import (
     ensure_kernel,
     parse_parameters,
     parse_sweeps,
@@ -117,8 +117,8 @@ def test_cli_exit_codes_and_failure_output(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_cli_sweep_runs_each_point_and_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # The notebook writes a summary.json in kvlab.results' shape; the runner prints it as a table.
-    nb = _notebook(tmp_path / "sw.ipynb", ("code", "from kvlab.results import Run\n"
+    # The notebook writes a summary.json in kvlab.runs' shape; the runner prints it as a table.
+    nb = _notebook(tmp_path / "sw.ipynb", ("code", "from kvlab.runs import Run\n"
                    "run = Run('sw', {'x': x}, run_dir=run_dir)\n"
                    "run.finish({'static': {'idle_mem_mb': 100.0, 'peak_mem_mb': 150.0, 'requests_ok': x},\n"
                    "            'kvcached': {'idle_mem_mb': 20.0, 'peak_mem_mb': 140.0, 'requests_ok': x}})"))
@@ -135,7 +135,7 @@ def test_cli_sweep_runs_each_point_and_prints_summary(tmp_path: Path, capsys: py
 def test_failing_cell_marks_the_runs_summary_failed(tmp_path: Path) -> None:
     # The Run is created in one cell and finished in a later one; a cell failing in between must not leave a
     # summary.json that says "running" forever.
-    nb = _notebook(tmp_path / "dies.ipynb", ("code", "from kvlab.results import Run\n"
+    nb = _notebook(tmp_path / "dies.ipynb", ("code", "from kvlab.runs import Run\n"
                    "run = Run('dies', {'x': x}, run_dir=run_dir)"),
                    ("code", "raise RuntimeError('engine gone')"),
                    ("code", "run.finish({})"))
@@ -150,14 +150,14 @@ def test_failing_cell_marks_the_runs_summary_failed(tmp_path: Path) -> None:
 
 def test_a_summary_the_notebook_closed_is_left_alone(tmp_path: Path) -> None:
     # Run as a context manager already marks its own failure (with the real exception); the runner keeps it.
-    nb = _notebook(tmp_path / "closed.ipynb", ("code", "from kvlab.results import Run\n"
+    nb = _notebook(tmp_path / "closed.ipynb", ("code", "from kvlab.runs import Run\n"
                    "with Run('closed', {}, run_dir=run_dir) as run:\n"
                    "    raise KeyError('inner')"))
     result = run_notebook(nb, {}, root=tmp_path / "results", progress=False, cwd=tmp_path)
     assert not result.ok
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "KeyError: 'inner'"
-    from kvlab.notebook_runner import mark_run_failed
+    from kvlab.notebooks.runner import mark_run_failed
 
     assert mark_run_failed(result.run_dir, "other") is False
     assert mark_run_failed(tmp_path / "no-run-here", "other") is False

@@ -2,11 +2,11 @@
 import time
 
 import pytest
+from kvcached_testing import RecordingRegion, make_region, mapped_pages
 
 from kvcached.budget import BudgetRecord
 from kvcached.layout import KVLayout
 from kvcached.page_allocator import PageAllocator
-from kvcached_testing import RecordingBackend, make_region, mapped_pages, region_kind, shm_dir  # noqa: F401
 
 P = 4096
 
@@ -129,7 +129,7 @@ def test_region_mismatch_names_the_fix(shm_dir):
     lay = KVLayout(num_blocks=8, block_bytes=P, page_size=P)
     rec = BudgetRecord.create(lay.region_size, name="m")
     with pytest.raises(ValueError, match="size=layout.region_size"):
-        PageAllocator(lay, RecordingBackend(P, P), rec, background=False)
+        PageAllocator(lay, RecordingRegion(P, P), rec, background=False)
     rec.close()
 
 

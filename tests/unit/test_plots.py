@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvlab import plots
-from kvlab.memory import KV_RESERVED_BYTES, MEM_BYTES
-from kvlab.results import Run
+from kvlab.probes import KV_RESERVED_BYTES, MEM_BYTES
+from kvlab.runs import Run, plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

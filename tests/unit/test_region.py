@@ -157,7 +157,7 @@ def test_properties_and_close() -> None:
     assert region.address % PAGE == 0
     assert region.__dlpack_device__() == (1, 0)
     with pytest.raises(TypeError, match="cuda"):
-        region.pool_size
+        _ = region.pool_size
     with pytest.raises(TypeError, match="cuda"):
         region.trim_pool()
     region.close()

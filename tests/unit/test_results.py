@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvlab.errors import ServerError
-from kvlab.memory import MEM_BYTES, HostTreeSource
-from kvlab.results import Run, compare, latest_run, load_run, memory_summary, new_run_id, summary_table
-from kvlab.workload import RequestRecord
+from kvlab.engines.errors import ServerError
+from kvlab.load.records import RequestRecord
+from kvlab.probes import MEM_BYTES, HostTreeSource
+from kvlab.runs import Run, compare, latest_run, load_run, memory_summary, new_run_id, summary_table
 
 
 def _record(series: str, i: int, ttft: float, e2e: float, status: str = "ok") -> RequestRecord:

@@ -10,10 +10,10 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from kvlab.bench.noop_backend import NoopBackend, start_noop_backend
-from kvlab.fleet_config import RouterSettings, SleepSettings
+from kvlab.bench.noop_server import NoopServer, start_noop_server
+from kvlab.engines.ports import free_port
 from kvlab.router import Backend, Router, serve_app
-from kvlab.server import free_port
+from kvlab.router.settings import RouterSettings, SleepSettings
 
 SLASH_MODEL = "meta-llama/Llama-3.2-1B"
 
@@ -48,7 +48,7 @@ def fake_measure(backend: Backend, kv_instance: str | None) -> dict:
 
 
 class Fleet:
-    def __init__(self, router: Router, url: str, noops: dict[str, NoopBackend], levels: dict[str, FakeSleepLevel]):
+    def __init__(self, router: Router, url: str, noops: dict[str, NoopServer], levels: dict[str, FakeSleepLevel]):
         self.router, self.url, self.noops, self.levels = router, url, noops, levels
 
 
@@ -60,7 +60,7 @@ async def running_router(models: tuple[str, ...] = ("noop-a", SLASH_MODEL), *, s
     for model in models:
         port = free_port()
         if model not in down:
-            runner, noop = await start_noop_backend("127.0.0.1", port, model)
+            runner, noop = await start_noop_server("127.0.0.1", port, model)
             runners.append(runner)
             noops[model] = noop
         backends.append(Backend(name=model.replace("/", "-"), model=model, url=f"http://127.0.0.1:{port}"))

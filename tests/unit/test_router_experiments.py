@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvlab.fleet_config import FleetConfigError
-from kvlab.router_experiments import fleet_config
+from kvlab.engines.fleet_config import FleetConfigError
+from kvlab.experiments.router_fleet import fleet_config
 
 
 def _config(levels: list[str | None]):  # type: ignore[no-untyped-def]
@@ -22,7 +22,7 @@ def test_every_engine_runs_kvcached_in_one_group_and_serves_its_series_name() ->
         assert args[args.index("--kv-cache-memory-bytes") + 1] == str(int(0.25 * (1 << 30)))
         assert args[-2:] == ["--seed", "1"]
     assert [i.sleep_level for i in config.instances] == ["kv", "stop"]
-    assert all(i.port is None for i in config.instances)  # kvlab.fleet picks free ports at start
+    assert all(i.port is None for i in config.instances)  # kvlab.engines.fleet picks free ports at start
     # The notebook decides when a model sleeps; the threshold only makes candidates.
     assert config.sleep_manager.auto_sleep_enabled is False
     assert config.sleep_manager.idle_threshold_seconds == 3.0 and config.sleep_manager.min_sleep_duration == 0

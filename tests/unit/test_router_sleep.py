@@ -8,13 +8,12 @@ import asyncio
 import aiohttp
 
 from kvcached.budget import BudgetRecord, find_instance
-from kvcached_testing import shm_dir  # noqa: F401
-from kvlab.bench.noop_backend import start_noop_backend
-from kvlab.fleet_config import SleepSettings
+from kvlab.bench.noop_server import start_noop_server
+from kvlab.engines.ports import free_port
 from kvlab.router.backends import Backend
+from kvlab.router.settings import SleepSettings
 from kvlab.router.sleep import KVLevel, SleepManager, StopLevel, default_sleep_level, measure_memory
 from kvlab.router.traffic import TrafficMonitor
-from kvlab.server import free_port
 
 MiB = 1 << 20
 
@@ -32,7 +31,7 @@ def test_kv_level_zeroes_the_limit_and_restores_it(shm_dir):
         record = BudgetRecord.create(512 * MiB, name="tiny-kvcached-ab12cd", page_bytes=2 * MiB, limit_bytes=256 * MiB)
         assert record.try_reserve(64 * MiB, pages=32)
         port = free_port()
-        runner, _ = await start_noop_backend("127.0.0.1", port, "m", kv_instance="tiny-kvcached-ab12cd")
+        runner, _ = await start_noop_server("127.0.0.1", port, "m", kv_instance="tiny-kvcached-ab12cd")
         stop = asyncio.Event()
         engine = asyncio.create_task(fake_engine_gives_pages_back(record, stop))
         backend = Backend("tiny-kvcached", "m", f"http://127.0.0.1:{port}", kvcached=True)
@@ -58,7 +57,7 @@ def test_kv_level_zeroes_the_limit_and_restores_it(shm_dir):
 def test_kv_level_without_kvcached_names_the_fix(shm_dir):
     async def scenario():
         port = free_port()
-        runner, _ = await start_noop_backend("127.0.0.1", port, "m")  # no kvcached stats
+        runner, _ = await start_noop_server("127.0.0.1", port, "m")  # no kvcached stats
         backend = Backend("plain", "m", f"http://127.0.0.1:{port}", kvcached=True)
         async with aiohttp.ClientSession() as session:
             manager = SleepManager({"m": backend}, TrafficMonitor(), SleepSettings(), session=lambda: session,

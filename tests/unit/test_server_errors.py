@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvlab.errors import LOG_TAIL_LINES, Diagnosis, ServerError, diagnose
+from kvlab.engines.errors import LOG_TAIL_LINES, Diagnosis, ServerError, diagnose
 
 BAD_ARGUMENT = """\
                      [--kda-decode-backend {auto,native,flashinfer,triton}]
@@ -37,7 +37,7 @@ python3: Error while finding module specification for 'vllm.entrypoints.openai.a
 """
 
 PLUGIN_FAILED = """\
-ModuleNotFoundError: No module named 'kvcached.integration.vllm_plugin'
+ModuleNotFoundError: No module named 'kvcached.integration.vllm.plugin'
 Failed to load plugin kvcached
 RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
 """

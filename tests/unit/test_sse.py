@@ -1,7 +1,8 @@
 """SSE parsing: any cut of the byte stream gives the same events as the whole stream."""
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvlab.sse import SSEEvent, SSEParser
+from kvlab.load.sse import SSEEvent, SSEParser
 
 STREAM = ("\ufeff: hello\r\n\r\n"
           "data: {\"text\": \"é日\"}\n\n"

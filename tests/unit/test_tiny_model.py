@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from kvlab.tiny_model import (BOS_TOKEN, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, TinyModelSpec,
-                              format_summary, write_tiny_model)
+from kvlab.tiny_model import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    IM_END,
+    IM_START,
+    PAD_TOKEN,
+    TinyModelSpec,
+    format_summary,
+    write_tiny_model,
+)
 
 # Small enough that writing it takes well under a second.
 SMALL = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512, max_positions=256)

@@ -16,13 +16,6 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch comes with vLLM: run `make setup`")
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed: run `make setup`")
 
-from kvcached import _core  # noqa: E402
-from kvcached.budget import BudgetRecord  # noqa: E402
-from kvcached.integration import vllm_patches, vllm_worker  # noqa: E402
-from kvcached.integration.vllm_block_pool import ElasticBlockPool  # noqa: E402
-from kvcached.integration.vllm_layout import UnsupportedLayout, plan_pool  # noqa: E402
-from kvcached.kv_cache_manager import KVCacheManager  # noqa: E402
-from kvcached.layout import KVLayout  # noqa: E402
 from vllm.v1.kv_cache_interface import (  # noqa: E402
     FullAttentionSpec,
     KVCacheConfig,
@@ -30,6 +23,15 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
     KVCacheTensor,
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
+
+from kvcached import _core  # noqa: E402
+from kvcached.budget import BudgetRecord  # noqa: E402
+from kvcached.integration.vllm import patches as vllm_patches  # noqa: E402
+from kvcached.integration.vllm import worker as vllm_worker  # noqa: E402
+from kvcached.integration.vllm.block_pool import ElasticBlockPool  # noqa: E402
+from kvcached.integration.vllm.layout import UnsupportedLayout, plan_pool  # noqa: E402
+from kvcached.kv_cache_manager import KVCacheManager  # noqa: E402
+from kvcached.layout import KVLayout  # noqa: E402
 
 MiB = 1 << 20
 

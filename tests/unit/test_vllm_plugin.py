@@ -8,14 +8,15 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from kvcached.integration import config, import_hooks
+from kvcached.integration import import_hooks
+from kvcached.integration.vllm import engine_env as config
 
 
 def test_entry_points_are_registered():
     general = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     endpoint = {ep.name: ep.value for ep in entry_points(group="vllm.endpoint_plugins")}
-    assert general["kvcached"] == "kvcached.integration.vllm_plugin:register"
-    assert endpoint["kvcached_stats"] == "kvcached.integration.vllm_stats_endpoint:make_plugin"
+    assert general["kvcached"] == "kvcached.integration.vllm.plugin:register"
+    assert endpoint["kvcached_stats"] == "kvcached.integration.vllm.stats_endpoint:make_plugin"
 
 
 @pytest.mark.parametrize("value,enabled", [("true", True), ("1", True), ("TRUE", True), ("false", False),
@@ -37,7 +38,8 @@ def _run_register(env_lines: str, body: str) -> str:
         import logging, os, sys
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
         {env_lines}
-        from kvcached.integration import vllm_plugin, import_hooks
+        from kvcached.integration import import_hooks
+        from kvcached.integration.vllm import plugin as vllm_plugin
         {body}
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -82,14 +84,14 @@ def test_unsupported_vllm_version_warns_once_and_leaves_vllm_alone():
 def test_each_server_gets_its_own_group_by_default(monkeypatch):
     for name in ("KVCACHED_INSTANCE", "KVCACHED_IPC_NAME", "KVCACHED_INSTANCE_NAME"):
         monkeypatch.delenv(name, raising=False)
-    config.settle_instance_env()
+    config.settle_engine_env()
     import os
 
     first = os.environ["KVCACHED_IPC_NAME"]
     assert first == os.environ["KVCACHED_INSTANCE"]
     monkeypatch.delenv("KVCACHED_INSTANCE")
     monkeypatch.delenv("KVCACHED_IPC_NAME")
-    config.settle_instance_env()
+    config.settle_engine_env()
     assert os.environ["KVCACHED_IPC_NAME"] != first
 
 

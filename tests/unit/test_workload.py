@@ -4,10 +4,10 @@ import statistics
 
 import pytest
 
-from fake_openai_server import FakeOpenAIServer, fake_openai_server  # noqa: F401
-from kvlab.arrivals import ArrivalSpec
-from kvlab.prompts import SyntheticPrompts, synthetic_prompt
-from kvlab.workload import RecordList, Target, run_workload
+from kvlab.load.arrivals import ArrivalSpec
+from kvlab.load.prompts import SyntheticPrompts, synthetic_prompt
+from kvlab.load.records import RecordList
+from kvlab.load.workload import Target, run_workload
 
 
 def by_id(records):

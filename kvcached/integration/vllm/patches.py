@@ -1,0 +1,282 @@
+"""The patches, and the list of vLLM hook targets they rely on (tests check each against vLLM's real classes).
+
+Each patch is applied when vLLM itself imports the module that holds its target (import_hooks.when_imported), so
+the API server process, which runs neither a scheduler nor a worker, pays nothing.
+Worker side (worker.py): the KV buffer becomes a kvcached region; every step syncs the view first.
+Scheduler side (block_pool.py): BlockPool hands out blocks on mapped pages and maps pages on demand.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+from types import ModuleType
+from typing import Any
+
+from kvcached.integration.import_hooks import when_imported
+from kvcached.integration.vllm import engine_env, worker
+from kvcached.integration.vllm.layout import UnsupportedLayout, plan_pool
+
+logger = logging.getLogger("kvcached")
+
+# (module, attribute path, parameter names the patch relies on). A vLLM upgrade that moves or reshapes one of these
+# fails tests/unit/test_vllm_integration.py instead of silently running a static cache.
+HOOK_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("vllm.v1.worker.utils", "allocate_kv_cache", ("kv_cache_config", "device", "layout")),
+    ("vllm.v1.worker.gpu_model_runner", "allocate_kv_cache", ("kv_cache_config", "device", "layout")),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", ("self", "scheduler_output")),
+    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.execute_model", ("self", "scheduler_output")),
+    ("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory", ("self",)),
+    ("vllm.v1.worker.cpu_worker", "CPUWorker.determine_available_memory", ("self",)),
+    ("vllm.v1.core.block_pool", "BlockPool.get_new_blocks", ("self", "num_blocks")),
+    ("vllm.v1.core.block_pool", "BlockPool.free_blocks", ("self", "ordered_blocks")),
+    ("vllm.v1.core.block_pool", "BlockPool.touch", ("self", "blocks")),
+    ("vllm.v1.core.block_pool", "BlockPool.get_num_free_blocks", ("self",)),
+    ("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block", ("self", "block")),
+    ("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", ("self", "request", "num_new_tokens")),
+    ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator.get_num_blocks_to_allocate", ("self",)),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.__init__", ("self", "vllm_config", "kv_cache_config")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule", ("self",)),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output", ("self",)),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.finish_requests", ("self",)),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.reset_prefix_cache", ("self",)),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.shutdown", ("self",)),
+]
+
+_WORKER_MODULES = ("vllm.v1.worker.utils", "vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.attn_utils")
+
+
+def _ek(pool: Any):
+    return getattr(pool, "_kvcached", None)
+
+
+# Worker ----------------------------------------------------------------------------------------------------
+_original_allocate: Any = None
+
+
+def _patch_allocate(module: ModuleType) -> None:
+    """Every module that imported `allocate_kv_cache` by name gets the elastic one."""
+    global _original_allocate
+    utils = __import__("vllm.v1.worker.utils", fromlist=["allocate_kv_cache"])
+    if _original_allocate is None:
+        _original_allocate = utils.allocate_kv_cache
+        utils.allocate_kv_cache = worker.elastic_allocate_kv_cache(_original_allocate, utils)
+    if getattr(module, "allocate_kv_cache", None) is _original_allocate:
+        module.allocate_kv_cache = utils.allocate_kv_cache
+
+
+def _patch_worker_class(class_name: str):
+    def patch(module: ModuleType) -> None:
+        cls = getattr(module, class_name)
+        if "determine_available_memory" in cls.__dict__ and _first_time(cls):
+            cls.determine_available_memory = worker.capped_available_memory(cls.determine_available_memory)
+
+    return patch
+
+
+def _patch_model_runner(module: ModuleType) -> None:
+    cls = module.GPUModelRunner
+    if not _first_time(cls):
+        return
+    cls.execute_model = worker.syncing_execute_model(cls.execute_model)
+
+
+# Scheduler -------------------------------------------------------------------------------------------------
+def _first_time(cls: type) -> bool:
+    """Patch each class once, however many times a module is seen (plugins load more than once)."""
+    if cls.__dict__.get("_kvcached_patched"):
+        return False
+    cls._kvcached_patched = True
+    return True
+
+
+def _patch_block_pool(module: ModuleType) -> None:
+    BlockPool = module.BlockPool
+    if not _first_time(BlockPool):
+        return
+    get_new_blocks, free_blocks = BlockPool.get_new_blocks, BlockPool.free_blocks
+    touch, get_num_free_blocks = BlockPool.touch, BlockPool.get_num_free_blocks
+
+    @functools.wraps(get_new_blocks)
+    def patched_get_new_blocks(self, num_blocks):
+        ek = _ek(self)
+        if ek is None:
+            return get_new_blocks(self, num_blocks)
+        chosen = [self.blocks[i] for i in ek.take(num_blocks)]
+        queue = self.free_block_queue
+        for block in chosen:
+            queue.remove(block)
+        queue.prepend_n(chosen)  # vLLM pops from the front: it now hands out exactly these, in this order
+        need, ek._need = ek._need, None  # vLLM's own free-count check must see its real count here
+        try:
+            return get_new_blocks(self, num_blocks)
+        finally:
+            ek._need = need
+
+    @functools.wraps(free_blocks)
+    def patched_free_blocks(self, ordered_blocks):
+        ek = _ek(self)
+        if ek is None:
+            return free_blocks(self, ordered_blocks)
+        blocks = list(ordered_blocks)
+        free_blocks(self, blocks)
+        ek.on_freed(blocks)
+
+    @functools.wraps(touch)
+    def patched_touch(self, blocks):
+        ek = _ek(self)
+        if ek is not None:
+            ek.on_touch(blocks)
+        return touch(self, blocks)
+
+    @functools.wraps(get_num_free_blocks)
+    def patched_get_num_free_blocks(self):
+        count = get_num_free_blocks(self)
+        ek = _ek(self)
+        return count if ek is None else ek.free_block_count(count)
+
+    BlockPool.get_new_blocks = patched_get_new_blocks
+    BlockPool.free_blocks = patched_free_blocks
+    BlockPool.touch = patched_touch
+    BlockPool.get_num_free_blocks = patched_get_num_free_blocks
+
+
+def _patch_kv_cache_manager(module: ModuleType) -> None:
+    cls = module.KVCacheManager
+    if not _first_time(cls):
+        return
+    allocate_slots = cls.allocate_slots
+
+    @functools.wraps(allocate_slots)
+    def patched_allocate_slots(self, *args, **kwargs):
+        ek = _ek(self.block_pool)
+        if ek is None:
+            return allocate_slots(self, *args, **kwargs)
+        ek.begin_allocation()
+        try:
+            return allocate_slots(self, *args, **kwargs)
+        finally:
+            ek.end_allocation()
+
+    cls.allocate_slots = patched_allocate_slots
+
+
+def _patch_coordinator(module: ModuleType) -> None:
+    cls = module.KVCacheCoordinator
+    if not _first_time(cls):
+        return
+    original = cls.get_num_blocks_to_allocate
+
+    @functools.wraps(original)
+    def patched(self, *args, **kwargs):
+        count = original(self, *args, **kwargs)
+        ek = _ek(self.block_pool)
+        if ek is not None:
+            ek.note_need(count)
+        return count
+
+    cls.get_num_blocks_to_allocate = patched
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        ek = _ek(self.kv_cache_manager.block_pool) if hasattr(self, "kv_cache_manager") else None
+        if ek is None:
+            return method(self, *args, **kwargs)
+        with ek.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _patch_scheduler(module: ModuleType) -> None:
+    cls = module.Scheduler
+    if not _first_time(cls):
+        return
+    init, shutdown = cls.__init__, cls.shutdown
+
+    @functools.wraps(init)
+    def patched_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        try:
+            attach_elastic_pool(self)
+        except UnsupportedLayout as exc:
+            logger.warning("kvcached: %s; this engine keeps a static KV cache", exc)
+
+    @functools.wraps(shutdown)
+    def patched_shutdown(self, *args, **kwargs):
+        try:
+            return shutdown(self, *args, **kwargs)
+        finally:
+            ek = _ek(self.kv_cache_manager.block_pool)
+            if ek is not None:
+                ek.close()
+
+    cls.__init__ = patched_init
+    cls.shutdown = patched_shutdown
+    for name in ("schedule", "update_from_output", "finish_requests", "reset_prefix_cache"):
+        setattr(cls, name, _locked(getattr(cls, name)))
+
+
+def attach_elastic_pool(scheduler: Any) -> None:
+    """Give the scheduler's BlockPool a kvcached manager over the pool the worker created."""
+    from kvcached import _core
+    from kvcached.budget import BudgetRecord
+    from kvcached.integration.vllm.block_pool import ElasticBlockPool
+    from kvcached.kv_cache_manager import KVCacheManager
+
+    vllm_config = scheduler.vllm_config
+    device_type = vllm_config.device_config.device_type
+    settings = engine_env.engine_settings(device_type)
+    if settings.backend == "host" and vllm_config.parallel_config.tensor_parallel_size > 1:
+        raise UnsupportedLayout("tensor parallelism on the host backend")
+    layout = vllm_config.cache_config.get_resolved_kv_cache_layout()
+    plan = plan_pool(scheduler.kv_cache_config, layout, settings.page_size)
+    path = settings.pool_path()
+    if not path.exists():
+        raise UnsupportedLayout(f"the worker made no kvcached pool at {path}")
+    # The scheduler only decides which pages are committed; on CUDA the workers map them in their own context.
+    backend = "host" if settings.backend == "host" else "state"
+    region = _core.Region(plan.buffer_size, settings.page_size, backend=backend, path=str(path))
+    # Every process that needs the file has it open now: unlink it, so a crash can never leak the pool.
+    os.unlink(path)
+    record = BudgetRecord.create(plan.layout.num_logical_pages * plan.layout.logical_page_bytes,
+                                 name=settings.engine_name, group=settings.group,
+                                 page_bytes=plan.layout.logical_page_bytes, pool_path=str(path),
+                                 backend=settings.backend)
+    manager = KVCacheManager(plan.layout, region, record)
+
+    def close() -> None:
+        record.close()
+        region.close()
+
+    pool = scheduler.kv_cache_manager.block_pool
+    pool._kvcached = elastic = ElasticBlockPool(pool, manager,
+                                                watermark_blocks=scheduler.kv_cache_manager.watermark_blocks,
+                                      on_close=close)
+    # vLLM calls Scheduler.shutdown on a clean exit; atexit covers an exit by signal (SystemExit) too.
+    atexit.register(elastic.close)
+    logger.info("kvcached: scheduler pages %d blocks over %d logical pages of %.1f MiB (group %s)",
+                plan.layout.num_blocks, plan.layout.num_logical_pages,
+                plan.layout.logical_page_bytes / 2**20, settings.group)
+
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    for name in _WORKER_MODULES:
+        when_imported(name, _patch_allocate)
+    when_imported("vllm.v1.worker.gpu_model_runner", _patch_model_runner)
+    when_imported("vllm.v1.worker.gpu_worker", _patch_worker_class("Worker"))
+    when_imported("vllm.v1.worker.cpu_worker", _patch_worker_class("CPUWorker"))
+    when_imported("vllm.v1.core.block_pool", _patch_block_pool)
+    when_imported("vllm.v1.core.kv_cache_manager", _patch_kv_cache_manager)
+    when_imported("vllm.v1.core.kv_cache_coordinator", _patch_coordinator)
+    when_imported("vllm.v1.core.sched.scheduler", _patch_scheduler)

