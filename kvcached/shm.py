@@ -12,7 +12,7 @@ from pathlib import Path
 SHM_DIR_ENV = "KVCACHED_SHM_DIR"
 DEFAULT_SHM_DIR = "/dev/shm/kvcached"
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
-FALSE_VALUES = frozenset({"0", "false", "no", "off", ""})
+FALSE_VALUES = frozenset({"0", "false", "no", "off"})
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 

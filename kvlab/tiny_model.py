@@ -6,6 +6,8 @@ this module. The defaults trade compute for KV size on purpose: few parameters (
 many KV heads (16 KiB of KV per token in bf16), so a burst of requests visibly fills the KV pool.
 
 Everything is a pure function of the spec and the seed: the same seed gives byte-identical files.
+
+It needs torch, safetensors and tokenizers: vLLM brings all three, and `pip install kvlab[tiny-model]` names them.
 """
 from __future__ import annotations
 
@@ -214,12 +216,23 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _require_generator_packages() -> None:
+    """ImportError that names the fix, before any file is written, when a package the generator needs is missing."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "safetensors", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"the tiny model generator needs {', '.join(missing)}: `pip install kvlab[tiny-model]` "
+                          "(vLLM brings them too: `make setup`)")
+
+
 def write_tiny_model(directory: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> dict:
     """Write the model to `directory` (created if needed) and return a summary dict.
 
     Files: config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
     special_tokens_map.json.
     """
+    _require_generator_packages()
     from safetensors.torch import save_file
 
     spec.validate()

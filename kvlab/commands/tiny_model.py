@@ -34,5 +34,8 @@ def run(args: argparse.Namespace) -> int:
         spec.validate()
     except ValueError as e:
         raise SystemExit(f"kvlab tiny-model: {e}") from None
-    print(format_summary(write_tiny_model(args.directory, spec)))
+    try:
+        print(format_summary(write_tiny_model(args.directory, spec)))
+    except ImportError as e:
+        raise SystemExit(f"kvlab tiny-model: {e}") from None
     return 0

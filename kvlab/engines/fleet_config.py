@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from kvcached.shm import TRUE_VALUES
+from kvcached.shm import FALSE_VALUES, TRUE_VALUES
 from kvlab.router.settings import DEFAULT_MAX_BODY_BYTES, SLEEP_LEVELS, RouterSettings, SleepSettings
 
 ENGINES = ("vllm", "sglang")
@@ -118,7 +118,7 @@ def _mapping(value: Any, path: str) -> Mapping[str, Any]:
 def _bool(value: Any, path: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in TRUE_VALUES | {"0", "false", "no", "off"}:
+    if isinstance(value, str) and value.strip().lower() in TRUE_VALUES | FALSE_VALUES:
         return value.strip().lower() in TRUE_VALUES
     raise FleetConfigError(f"{_where(path)} must be true or false, got {value!r}")
 

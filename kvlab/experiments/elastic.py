@@ -116,7 +116,7 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
     run = Run(experiment, params, root=root, run_dir=run_dir)
     bursts_s: list[float] = []
     extra: dict[str, dict[str, Any]] = {}
-    shape = dict(burst_size=burst_size, prompt_tokens=prompt_tokens, max_tokens=max_tokens, seed=seed)
+    shape = dict(prompt_tokens=prompt_tokens, max_tokens=max_tokens, seed=seed)  # of every request sent
 
     def make(name: str) -> VLLMServer:
         return VLLMServer(str(model), kvcached=(name == "kvcached"), kv_cache_gib=kv_cache_gib, args=server_args,
@@ -142,7 +142,7 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                 with run.sampler([src for n in series for src in sources(n, servers[n])], interval_s=interval_s):
                     for name in series:
                         with run.phase("warmup", series=name):
-                            _warm_up(servers[name], name, **shape)
+                            _warm_up(servers[name], name, burst_size=burst_size, **shape)
                     with run.phase("idle"):
                         wait_alive(idle_s, *servers.values())
                     offsets = {name: [k * burst_every + i * burst_every / len(series) for k in range(bursts)
@@ -162,7 +162,7 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                         server.start()
                     with run.sampler(sources(name, server), interval_s=interval_s):
                         with run.phase("warmup", series=name):
-                            _warm_up(server, name, **shape)
+                            _warm_up(server, name, burst_size=burst_size, **shape)
                         with run.phase("idle", series=name):
                             wait_alive(idle_s, server)
                         offsets = {name: [k * burst_every for k in range(bursts) for _ in range(burst_size)]}
@@ -196,8 +196,8 @@ def _warm_up(server: Any, name: str, *, burst_size: int, prompt_tokens: int, max
     server.check()
 
 
-def _load(run: Run, servers: dict[str, Any], offsets: dict[str, list[float]], *, burst_size: int,
-          prompt_tokens: int, max_tokens: int, seed: int, progress: bool) -> Any:
+def _load(run: Run, servers: dict[str, Any], offsets: dict[str, list[float]], *, prompt_tokens: int,
+          max_tokens: int, seed: int, progress: bool) -> Any:
     """The recorded bursts: every server its offsets, all on one clock."""
     from kvlab.load.workload import Target, run_workload
 

@@ -129,3 +129,13 @@ def test_cli_writes_a_model_and_prints_the_summary(tmp_path, capsys):
                  "--kv-heads", "1", "--intermediate", "64", "--vocab", "300", "--seed", "3"]) == 0
     assert "bytes/token" in capsys.readouterr().out
     assert json.loads((tmp_path / "m" / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+def test_missing_generator_packages_name_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "safetensors" else real(name, *a))
+    with pytest.raises(ImportError, match=r"safetensors: `pip install kvlab\[tiny-model\]`"):
+        write_tiny_model(tmp_path / "m")
+    assert not (tmp_path / "m").exists(), "nothing is written when the generator cannot run"
