@@ -54,6 +54,7 @@ const Loaded& load() {
               resolve(lib, d.cuDeviceGet, "cuDeviceGet", out.why) &&
               resolve(lib, d.cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", out.why) &&
               resolve(lib, d.cuDevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease_v2", out.why) &&
+              resolve(lib, d.cuCtxGetCurrent, "cuCtxGetCurrent", out.why) &&
               resolve(lib, d.cuCtxSetCurrent, "cuCtxSetCurrent", out.why) &&
               resolve(lib, d.cuCtxSynchronize, "cuCtxSynchronize", out.why) &&
               resolve(lib, d.cuMemGetInfo, "cuMemGetInfo_v2", out.why) &&
@@ -146,16 +147,44 @@ cu::CUcontext primary_context(int device) {
 
 // Makes the device's primary context current on the calling thread: the context is per thread, and the
 // bindings call us from whichever Python thread asked.
-void use_device(int device) {
-  const cu::Driver& d = require_driver();
-  cu::check(d.cuCtxSetCurrent(primary_context(device)), "cuCtxSetCurrent");
+// Makes the device's primary context current for one region call and puts back whatever context the calling
+// thread had before (vLLM's, torch's, or none), so kvcached never changes a thread's CUDA state behind its back.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) : d_(require_driver()) {
+    cu::check(d_.cuCtxGetCurrent(&previous_), "cuCtxGetCurrent");
+    const cu::CUcontext wanted = primary_context(device);
+    if (wanted != previous_) {
+      cu::check(d_.cuCtxSetCurrent(wanted), "cuCtxSetCurrent");
+      restore_ = true;
+    }
+  }
+  ~DeviceScope() {
+    if (restore_) d_.cuCtxSetCurrent(previous_);  // best effort: a destructor must not throw
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  const cu::Driver& d_;
+  cu::CUcontext previous_ = nullptr;
+  bool restore_ = false;
+};
+
+// Rollback must not let a second failure hide the first: the caller rethrows the original error.
+template <class F>
+void quietly(F&& f) {
+  try {
+    f();
+  } catch (...) {
+  }
 }
 
 class CudaRegion final : public Region {
  public:
   CudaRegion(size_t size, size_t page_size, int device, const std::optional<std::string>& path)
       : Region(size, page_size, device, path), d_(require_driver()), handles_(size / page_size, 0) {
-    use_device(device);
+    DeviceScope scope(device);
     const size_t gran = cuda_granularity(device);
     if (page_size % gran != 0) {
       throw std::invalid_argument("page_size " + std::to_string(page_size) +
@@ -212,14 +241,14 @@ class CudaRegion final : public Region {
 
   size_t trim_pool(size_t keep) override {
     std::lock_guard<std::mutex> g(mu_);
-    use_device(device_);
+    DeviceScope scope(device_);
     return trim_locked(keep);
   }
 
   void set_pool_limit(size_t n) override {
     std::lock_guard<std::mutex> g(mu_);
     pool_limit_ = n;
-    use_device(device_);
+    DeviceScope scope(device_);
     trim_locked(n);
   }
 
@@ -228,7 +257,7 @@ class CudaRegion final : public Region {
   void decommit(const PageRun&) override {}
 
   void view_map(const PageRun& r) override {
-    use_device(device_);
+    DeviceScope scope(device_);
     size_t done = 0;
     try {
       for (; done < r.count; ++done) {
@@ -236,7 +265,7 @@ class CudaRegion final : public Region {
         cu::CUmemGenericAllocationHandle h = take_handle();
         const cu::CUresult res = d_.cuMemMap(page_addr(p), page_size_, 0, h, 0);
         if (res != cu::CUDA_SUCCESS) {
-          give_handle(h);
+          quietly([&] { give_handle(h); });
           cu::check(res, "cuMemMap");
         }
         handles_[p] = h;
@@ -248,13 +277,13 @@ class CudaRegion final : public Region {
       access.flags = cu::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
       cu::check(d_.cuMemSetAccess(page_addr(r.first), r.count * page_size_, &access, 1), "cuMemSetAccess");
     } catch (...) {
-      for (size_t i = 0; i < done; ++i) unmap_page(r.first + i);
+      for (size_t i = 0; i < done; ++i) quietly([&] { unmap_page(r.first + i); });
       throw;
     }
   }
 
   void view_unmap(const PageRun& r) override {
-    use_device(device_);
+    DeviceScope scope(device_);
     // Kernels still queued may read these pages; wait for them before the memory goes.
     cu::check(d_.cuCtxSynchronize(), "cuCtxSynchronize");
     for (size_t p = r.first; p < r.first + r.count; ++p) unmap_page(p);
@@ -302,10 +331,14 @@ class CudaRegion final : public Region {
     return released;
   }
 
+  void resync_view(const PageRun& r) override {
+    for (size_t p = r.first; p < r.first + r.count; ++p) view_[p] = handles_[p] ? 1 : 0;
+  }
+
   void release_all() {
     std::lock_guard<std::mutex> g(mu_);
     if (!address_) return;
-    use_device(device_);
+    DeviceScope scope(device_);
     d_.cuCtxSynchronize();
     for (size_t p = 0; p < handles_.size(); ++p) {
       if (!handles_[p]) continue;
@@ -346,7 +379,7 @@ size_t cuda_granularity(int device) {
 
 std::pair<size_t, size_t> cuda_mem_info(int device) {
   const cu::Driver& d = require_driver();
-  use_device(device);
+  DeviceScope scope(device);
   size_t free_bytes = 0, total_bytes = 0;
   cu::check(d.cuMemGetInfo(&free_bytes, &total_bytes), "cuMemGetInfo");
   return {free_bytes, total_bytes};

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <exception>
 #include <iterator>
 #include <stdexcept>
 
@@ -145,12 +146,39 @@ void Region::unmap(const std::vector<int64_t>& pages) {
   for (size_t p : release) state_->clear(p);
   uint64_t before = 0;
   if (!release.empty()) before = state_->bump_generation();
+  // From here a failure must not hide the first error, nor leave a page whose memory is still held marked as
+  // released: such pages get their bit back, and the caller learns the truth from is_mapped().
+  std::exception_ptr first;
   for (const PageRun& r : to_runs(unview)) {
-    view_unmap(r);
-    mark_view(r, false);
+    try {
+      view_unmap(r);
+      mark_view(r, false);
+    } catch (...) {
+      if (!first) first = std::current_exception();
+      resync_view(r);
+    }
   }
-  for (const PageRun& r : to_runs(release)) decommit(r);
-  if (!release.empty() && before == view_generation_) view_generation_ = before + 1;
+  std::vector<size_t> decommittable, kept;
+  for (size_t p : release) (view_[p] ? kept : decommittable).push_back(p);
+  for (const PageRun& r : to_runs(decommittable)) {
+    if (first) {  // after a failure, stop releasing: what is left stays committed and keeps its bit
+      for (size_t p = r.first; p < r.first + r.count; ++p) kept.push_back(p);
+      continue;
+    }
+    try {
+      decommit(r);
+    } catch (...) {
+      first = std::current_exception();
+      for (size_t p = r.first; p < r.first + r.count; ++p) kept.push_back(p);
+    }
+  }
+  if (!kept.empty()) {
+    for (size_t p : kept) state_->set(p);
+    state_->bump_generation();  // views elsewhere resync to the restored bits
+  } else if (!release.empty() && before == view_generation_) {
+    view_generation_ = before + 1;
+  }
+  if (first) std::rethrow_exception(first);
 }
 
 bool Region::is_mapped(int64_t page) const {

@@ -80,6 +80,9 @@ class Region {
   virtual void view_map(const PageRun& r) = 0;    // make this process's addresses see the memory
   virtual void view_unmap(const PageRun& r) = 0;  // and stop seeing it
   virtual void populate(const PageRun& r) { (void)r; }  // prefault=True: pay the faults now
+  // After view_unmap(r) failed part-way: make view_ say which pages of r this process still has mapped. A
+  // backend whose view_unmap is all-or-nothing (host: one mmap call) keeps the default, which changes nothing.
+  virtual void resync_view(const PageRun& r) { (void)r; }
 
   // Validates and sorts/dedupes page indices (IndexError on out-of-range).
   std::vector<size_t> checked_pages(const std::vector<int64_t>& pages) const;

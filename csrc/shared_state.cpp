@@ -40,7 +40,8 @@ SharedState::SharedState(const char* path, Backend backend, size_t size, size_t 
   const off_t file_size = static_cast<off_t>(header_bytes_ + data_bytes);
   const std::string where = path ? std::string(path) : std::string("memfd");
   if (path) {
-    fd_ = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    // O_NOFOLLOW: a symlink planted in the shm directory must not redirect the pool to another file.
+    fd_ = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd_ < 0) throw SystemError(errno, "open region file " + where);
   } else {
     fd_ = memfd_create("kvcached-region", MFD_CLOEXEC);

@@ -10,6 +10,7 @@ on an unmapped page.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -60,11 +61,43 @@ def host_available_bytes() -> int:
 
 
 def physical_free_bytes(region: MappableRegion) -> int:
-    """Free physical memory on the region's device: MemAvailable for host, cuMemGetInfo for cuda."""
-    if getattr(region, "backend", "host") == "cuda":
+    """Free physical memory where the region's pages come from.
+
+    host: MemAvailable, and when the pool is a file, the free space of its filesystem (a tmpfs has its own size);
+    cuda: cuMemGetInfo in this process's context; state (a scheduler deciding for workers in other processes):
+    NVML's free memory of the device, which needs no CUDA context here."""
+    backend = getattr(region, "backend", "host")
+    if backend == "cuda":
         from kvcached import _core
         return int(_core.cuda_mem_info(getattr(region, "device", 0))[0])
-    return host_available_bytes()
+    if backend == "state":
+        free = _nvml_free_bytes(getattr(region, "device", 0))
+        if free is not None:
+            return free
+    available = host_available_bytes()
+    path = getattr(region, "path", None)
+    if backend == "host" and path:
+        try:
+            st = os.statvfs(os.path.dirname(path) or ".")
+            available = min(available, st.f_bavail * st.f_frsize)
+        except OSError:
+            pass
+    return available
+
+
+def _nvml_free_bytes(device: int) -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device)).free)
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 class KVCacheManager:

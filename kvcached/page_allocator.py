@@ -7,7 +7,12 @@ background thread. The budget is checked before any memory is mapped.
 
 Backend calls (Region.map/unmap) take milliseconds, so they never run under the allocator's lock: state is
 reserved under the lock (MAPPING/UNMAPPING), the backend is called outside it, and the result is committed
-or rolled back under the lock again.
+or rolled back under the lock again. A backend error other than out-of-memory rolls every page it touched back
+to what the region says it is, and is raised; nobody is left waiting on a page.
+
+Accounting: the budget holds exactly the physical memory the region holds (its committed pages, plus on CUDA the
+handles its pool keeps for reuse) and the reservations of maps in flight. A map reserves its worst case first
+(every page new), and `_settle()` gives back what the region did not use, after every map, unmap and trim.
 """
 from __future__ import annotations
 
@@ -100,11 +105,18 @@ class PageAllocator:
         n = layout.num_logical_pages
         self._state = bytearray(n)  # a PageState per logical page (bytes: cheap to scan)
         self._idle_since: dict[int, float] = {}  # insertion order = oldest idle first
+        # Idle pages an unmap left half done (some layers still mapped): mapped again before anyone reuses them.
+        self._partial: set[int] = set()
         self._in_use = 0
         self._mapped = 0  # IN_USE + IDLE + UNMAPPING (memory still committed)
         self._last_acquire = -math.inf
         self._want_topup = False
         self._cond = threading.Condition(threading.Lock())
+        # The budget side: bytes reserved for maps in flight, and pooled CUDA handles promised to them.
+        self._budget_lock = threading.Lock()
+        self._pending_bytes = 0
+        self._pool_claimed = 0
+        self._has_pool = getattr(region, "backend", "host") == "cuda"
         self._stopped = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -131,34 +143,53 @@ class PageAllocator:
                 raise ValueError(f"logical pages {busy[:8]} are already in use: release them before acquiring again")
             reused, to_map = [], []
             for p in wanted:
-                if self._state[p] == IDLE:
+                if self._state[p] == IDLE and p not in self._partial:
                     del self._idle_since[p]
                     self._state[p] = IN_USE
                     reused.append(p)
                 else:
+                    self._idle_since.pop(p, None)
                     self._state[p] = MAPPING
                     to_map.append(p)
+            was_partial = self._partial.intersection(to_map)
             self._in_use += len(reused)
             self._last_acquire = time.monotonic()
-        ok = not to_map or self._map(to_map)
+        try:
+            ok = not to_map or self._map(to_map)
+        except BaseException:
+            self._roll_back(to_map, reused, was_partial)
+            raise
         with self._cond:
             if ok:
                 for p in to_map:
                     self._state[p] = IN_USE
+                self._partial -= was_partial
                 self._in_use += len(to_map)
-                self._mapped += len(to_map)
+                self._mapped += len(to_map) - len(was_partial)
                 self._want_topup = True
-            else:
-                now = time.monotonic()
-                for p in to_map:
-                    self._state[p] = UNMAPPED
-                for p in reused:
+                self._publish_used()
+                self._cond.notify_all()
+        if not ok:
+            self._roll_back(to_map, reused, was_partial)
+        return ok
+
+    def _roll_back(self, to_map: list[int], reused: list[int], was_partial: set[int]) -> None:
+        """Undo acquire_pages: pages it was mapping are as before (the region rolled its own work back: unmapped, or
+        still half mapped), reused ones idle again."""
+        with self._cond:
+            now = time.monotonic()
+            for p in to_map:
+                if p in was_partial:
                     self._state[p] = IDLE
                     self._idle_since[p] = now
-                self._in_use -= len(reused)
+                else:
+                    self._state[p] = UNMAPPED
+            for p in reused:
+                self._state[p] = IDLE
+                self._idle_since[p] = now
+            self._in_use -= len(reused)
             self._publish_used()
             self._cond.notify_all()
-        return ok
 
     def acquire(self, count: int) -> list[int] | None:
         """Any `count` pages, idle (already mapped) ones first; None when they cannot be had now."""
@@ -184,6 +215,12 @@ class PageAllocator:
         """Pages no longer hold live data: they go idle now and are unmapped after the reclaim delay."""
         if not pages:
             return
+        if len(set(pages)) != len(pages):
+            twice = sorted({p for p in pages if list(pages).count(p) > 1})
+            raise ValueError(f"release_pages got logical pages {twice[:8]} more than once: double release")
+        for p in pages:
+            if not 0 <= p < len(self._state):
+                raise IndexError(f"logical page {p} is outside the pool (0..{len(self._state) - 1})")
         with self._cond:
             wrong = [p for p in pages if self._state[p] != IN_USE]
             if wrong:
@@ -214,7 +251,10 @@ class PageAllocator:
                 chosen = set(victims)
                 victims += [p for p in self._idle_since if p not in chosen][: over_pages - len(victims)]
             self._begin_unmap(victims)
-        return self._finish_unmap(victims)
+        unmapped = self._finish_unmap(victims)
+        if self.budget.over_budget() > 0:
+            self._trim_pool()  # pooled handles are memory too: over the limit they go as well
+        return unmapped
 
     def trim(self) -> int:
         """Unmap every idle page now (the warm reserve included). Returns pages unmapped."""
@@ -223,7 +263,14 @@ class PageAllocator:
                 self._cond.wait()
             victims = list(self._idle_since)
             self._begin_unmap(victims)
-        return self._finish_unmap(victims)
+        unmapped = self._finish_unmap(victims)
+        self._trim_pool()
+        return unmapped
+
+    def _trim_pool(self) -> None:
+        if self._has_pool:
+            self.region.trim_pool(0)
+            self._settle()
 
     def _make_room(self, num_bytes: int) -> None:
         """Unmap idle pages so that a reservation of `num_bytes` can fit (they are ours and nobody needs them)."""
@@ -245,32 +292,81 @@ class PageAllocator:
             return 0
         try:
             self.region.unmap(self._region_pages(victims))
-        finally:
-            self.budget.release(len(victims) * self.page_bytes, len(victims))
+        except BaseException:
+            # Part of the call may have happened: each page becomes what the region says it is (still mapped:
+            # idle again, to be retried; gone: unmapped), and the budget follows the region.
             with self._cond:
+                now = time.monotonic()
                 for p in victims:
-                    self._state[p] = UNMAPPED
-                self._mapped -= len(victims)
+                    mapped = [self.region.is_mapped(rp) for rp in self.layout.region_pages(p)]
+                    if any(mapped):
+                        self._state[p] = IDLE
+                        self._idle_since[p] = now
+                        if not all(mapped):
+                            self._partial.add(p)
+                    else:
+                        self._state[p] = UNMAPPED
+                        self._partial.discard(p)
+                        self._mapped -= 1
+                self._publish_used()
                 self._cond.notify_all()
+            self._settle()
+            raise
+        with self._cond:
+            for p in victims:
+                self._state[p] = UNMAPPED
+            self._partial.difference_update(victims)
+            self._mapped -= len(victims)
+            self._publish_used()
+            self._cond.notify_all()
+        self._settle()
         return len(victims)
 
     # Mapping ----------------------------------------------------------------------------------------------
     def _map(self, pages: list[int]) -> bool:
-        """Reserve budget, then map. On any refusal roll the budget back and report False."""
-        num_bytes = len(pages) * self.page_bytes
-        if not self.budget.try_reserve(num_bytes, len(pages)):
-            self._make_room(num_bytes)
-            if not self.budget.try_reserve(num_bytes, len(pages)):
+        """Reserve budget, then map. On a refusal (budget or out of memory) roll back and report False; any other
+        error rolls back too and is raised."""
+        region_pages = self._region_pages(pages)
+        claim = self._reserve(len(region_pages))
+        if claim is None:
+            self._make_room(len(region_pages) * self.region.page_size)
+            claim = self._reserve(len(region_pages))
+            if claim is None:
                 return False
         try:
-            self.region.map(self._region_pages(pages))
+            self.region.map(region_pages)
+            return True
         except MemoryError:
-            self.budget.release(num_bytes, len(pages))
             return False
-        except BaseException:
-            self.budget.release(num_bytes, len(pages))
-            raise
-        return True
+        finally:
+            self._unclaim(claim)
+
+    def _reserve(self, n_region_pages: int) -> tuple[int, int] | None:
+        """Reserve budget for mapping `n_region_pages`: pooled handles are counted already, so only the pages the
+        pool cannot supply need new bytes. Returns the claim (new bytes, pooled handles) or None if refused."""
+        with self._budget_lock:
+            pooled = max(0, self.region.pool_size - self._pool_claimed) if self._has_pool else 0
+            from_pool = min(pooled, n_region_pages)
+            new_bytes = (n_region_pages - from_pool) * self.region.page_size
+            if new_bytes and not self.budget.try_reserve(new_bytes):
+                return None
+            self._pending_bytes += new_bytes
+            self._pool_claimed += from_pool
+            return new_bytes, from_pool
+
+    def _unclaim(self, claim: tuple[int, int]) -> None:
+        with self._budget_lock:
+            self._pending_bytes -= claim[0]
+            self._pool_claimed -= claim[1]
+        self._settle()
+
+    def _settle(self) -> None:
+        """Give back whatever the budget holds beyond the region's physical memory and the maps in flight."""
+        with self._budget_lock:
+            held = self.region.num_mapped + (self.region.pool_size if self._has_pool else 0)
+            excess = self.budget.reserved_bytes - held * self.region.page_size - self._pending_bytes
+            if excess > 0:
+                self.budget.release(excess)
 
     def _top_up(self) -> None:
         """Map pages ahead so the next acquire finds them warm; only within budget, never making room."""
@@ -286,25 +382,31 @@ class PageAllocator:
                 return
             for p in pages:
                 self._state[p] = PREFETCHING
-        num_bytes = len(pages) * self.page_bytes
-        ok = self.budget.try_reserve(num_bytes, len(pages))
-        if ok:
-            try:
-                self.region.map(self._region_pages(pages))
-            except MemoryError:
-                self.budget.release(num_bytes, len(pages))
-                ok = False
-        with self._cond:
-            now = time.monotonic()
-            for p in pages:
+        ok = False
+        try:
+            region_pages = self._region_pages(pages)
+            claim = self._reserve(len(region_pages))
+            if claim is not None:
+                try:
+                    self.region.map(region_pages)
+                    ok = True
+                except MemoryError:
+                    pass
+                finally:
+                    self._unclaim(claim)
+        finally:
+            with self._cond:
+                now = time.monotonic()
+                for p in pages:
+                    if ok:
+                        self._state[p] = IDLE
+                        self._idle_since[p] = now
+                    else:
+                        self._state[p] = UNMAPPED
                 if ok:
-                    self._state[p] = IDLE
-                    self._idle_since[p] = now
-                else:
-                    self._state[p] = UNMAPPED
-            if ok:
-                self._mapped += len(pages)
-            self._cond.notify_all()
+                    self._mapped += len(pages)
+                self._publish_used()
+                self._cond.notify_all()
 
     def _region_pages(self, pages: list[int]) -> list[int]:
         out: list[int] = []
@@ -313,7 +415,8 @@ class PageAllocator:
         return out
 
     def _publish_used(self) -> None:
-        self.budget.set_used(self._in_use * self.page_bytes, self._in_use)
+        """Caller holds the allocator's lock."""
+        self.budget.set_used(self._in_use * self.page_bytes, self._in_use, reserved_pages=self._mapped)
 
     # Background thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -368,6 +471,7 @@ class PageAllocator:
             self._in_use = 0
             self._publish_used()
         self._finish_unmap(victims)
+        self._trim_pool()
 
     def __enter__(self) -> "PageAllocator":
         return self

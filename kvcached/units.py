@@ -2,37 +2,50 @@
 
 Every suffix is binary (K = 1024): memory pages, GPU memory and `VLLM_CPU_KVCACHE_SPACE` all count in
 powers of two, so `2G` and `2GiB` meaning the same thing avoids an off-by-7% surprise.
+
+Sizes are parsed exactly (decimal arithmetic, never a float) and must fit the records' int64: 0..2^63-1 bytes.
 """
 from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+MAX_BYTES = (1 << 63) - 1
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+_SIZE_RE = re.compile(r"^\s*(?P<num>\d{1,30}(?:\.\d{0,30})?|\.\d{1,30})\s*(?P<unit>[KMGTPE]?)(?:I?B)?\s*$",
+                      re.IGNORECASE)
+_EXAMPLES = "e.g. 512M, 2G or 1.5GiB"
 
 
 def parse_size(text: str | int) -> int:
     """Parse `512M`, `2G`, `1.5GiB`, `4096`, `64KB` into bytes (binary units).
 
-    Raises ValueError that shows an accepted spelling, for input such as `12X`, `-1G` or `nan`.
+    ValueError that shows an accepted spelling for input such as `12X`, `-1G`, `nan`, `inf`, or a size past
+    2^63-1 bytes (`16384P`): the records hold int64, and a wrapped value would be a limit nobody asked for.
     """
     if isinstance(text, bool):
-        raise ValueError(f"invalid size {text!r}: give bytes or a number with K/M/G/T, e.g. 512M or 2G")
+        raise ValueError(f"invalid size {text!r}: give bytes or a number with K/M/G/T, {_EXAMPLES}")
     if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"invalid size {text}: sizes cannot be negative")
-        return text
-    raw = str(text).strip()
-    if raw.strip().startswith("-"):
-        raise ValueError(f"invalid size {raw!r}: sizes cannot be negative")
-    match = _SIZE_RE.match(raw)
-    if not match:
-        raise ValueError(f"invalid size {raw!r}: give bytes or a number with K/M/G/T, e.g. 512M, 2G or 1.5GiB")
-    value = float(match["num"]) * _UNITS[match["unit"].upper()]
-    if not math.isfinite(value):
-        raise ValueError(f"invalid size {raw!r}: too large")
-    return int(value)
+        value = text
+    elif isinstance(text, float):
+        if not math.isfinite(text) or not text.is_integer():
+            raise ValueError(f"invalid size {text!r}: give a whole number of bytes or a size like 2G")
+        value = int(text)
+    else:
+        raw = str(text).strip()
+        if raw.startswith("-"):
+            raise ValueError(f"invalid size {raw!r}: sizes cannot be negative")
+        match = _SIZE_RE.match(raw)
+        if not match:
+            raise ValueError(f"invalid size {raw[:40]!r}: give bytes or a number with K/M/G/T, {_EXAMPLES}")
+        value = int(Decimal(match["num"]) * _UNITS[match["unit"].upper()])
+        text = raw
+    if value < 0:
+        raise ValueError(f"invalid size {text!r}: sizes cannot be negative")
+    if value > MAX_BYTES:
+        raise ValueError(f"invalid size {text!r}: more than 2^63-1 bytes (8E), the largest size kvcached can hold")
+    return value
 
 
 def parse_percent(text: str | float) -> float:
@@ -53,8 +66,8 @@ def format_size(num_bytes: int | float) -> str:
     value = float(num_bytes)
     sign = "-" if value < 0 else ""
     value = abs(value)
-    for unit in ("B", "K", "M", "G", "T"):
-        if value < 1024 or unit == "T":
+    for unit in ("B", "K", "M", "G", "T", "P", "E"):
+        if value < 1024 or unit == "E":
             return f"{sign}{int(value)}{unit}" if unit == "B" else f"{sign}{value:.1f}{unit}"
         value /= 1024
     raise AssertionError("unreachable")

@@ -1,7 +1,8 @@
 """kvctl: list kvcached pools and change their memory limits while the engines run.
 
-Every change goes through the shared-memory records (kvcached.budget); the engines' allocators notice
-within a fraction of a second. Bad input exits with status 2 and changes nothing.
+Every change goes through kvcached's admin module (kvcached.budget.admin), validated and under the record's lock;
+the engines' allocators notice within a fraction of a second. Bad input exits with status 2 and changes nothing.
+Listing and watching also reap what dead processes left behind (their records and files).
 """
 from __future__ import annotations
 
@@ -12,19 +13,21 @@ import sys
 import time
 
 from kvcached import budget
+from kvcached.shm import ShmDirError, shm_dir
 from kvcached.units import format_size, parse_percent, parse_size
 
 EPILOG = """examples:
-  kvctl list                      table of pools (dead ones marked)
+  kvctl list                      table of pools (and of record files that cannot be read)
   kvctl list --json               JSON array: name, group, pid, used_bytes, reserved_bytes, limit_bytes, ...
   kvctl limit llama-0 2G          cap one pool at 2 GiB (idle pages above it are given back)
   kvctl limit llama-0 none        back to the whole pool
   kvctl limit-percent llama-0 50  cap at 50% of the pool's virtual size
   kvctl group-limit shared 6G     cap the sum of a group (KVCACHED_IPC_NAME) at 6 GiB
   kvctl group-limit shared none   remove the group cap
-  kvctl cleanup                   remove records (and pool files) of dead processes
+  kvctl cleanup                   remove records (and pool files) of dead processes, and unreadable records
   kvctl watch -n 1                refresh the table every second
 
+sizes: bytes or K/M/G/T/P/E (binary), 0 .. 2^63-1 bytes.
 records live in $KVCACHED_SHM_DIR (default /dev/shm/kvcached)."""
 
 
@@ -38,21 +41,27 @@ def _size_or_none(text: str) -> int | None:
     return parse_size(text)
 
 
-def _instances_json() -> list[dict]:
-    return [i.to_dict() for i in budget.list_instances()]
+def _limit_cell(info: budget.InstanceInfo) -> str:
+    if info.lease_limit_bytes is None:
+        return format_size(info.limit_bytes)
+    return f"{format_size(info.effective_limit_bytes)} (lease, pid {info.lease_holder_pid})"
 
 
 def render_table() -> str:
     """The `kvctl list` table as plain text."""
     instances = budget.list_instances()
-    if not instances:
-        return f"no kvcached pools in {budget.shm_dir()}"
+    unreadable = budget.list_unreadable()
+    if not instances and not unreadable:
+        return f"no kvcached pools in {shm_dir()}"
     headers = ("NAME", "GROUP", "PID", "STATE", "USED", "RESERVED", "LIMIT", "VIRTUAL")
     rows = [(i.name, i.group, str(i.pid), "alive" if i.alive else "DEAD", format_size(i.used_bytes),
-             format_size(i.reserved_bytes), format_size(i.limit_bytes), format_size(i.virtual_bytes))
-            for i in instances]
+             format_size(i.reserved_bytes), _limit_cell(i), format_size(i.virtual_bytes)) for i in instances]
+    rows += [(u.name, "?", str(u.pid or "?"), "UNREADABLE", "", "", "", "") for u in unreadable]
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(headers)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (headers, *rows)]
+    for u in unreadable:
+        fate = "kept while its writer runs" if u.alive else "`kvctl cleanup` removes it"
+        lines.append(f"unreadable {u.path}: {u.reason} ({fate})")
     caps = [g for g in budget.list_groups() if g.cap_bytes is not None]
     for g in caps:
         lines.append(f"group {g.name}: reserved {format_size(g.reserved_bytes)} of cap {format_size(g.cap_bytes)}"
@@ -61,8 +70,11 @@ def render_table() -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    budget.reap()
     if args.json:
-        print(json.dumps(_instances_json(), indent=2))
+        print(json.dumps([i.to_dict() for i in budget.list_instances()], indent=2))
+        for u in budget.list_unreadable():
+            print(f"kvctl: unreadable record {u.path}: {u.reason}", file=sys.stderr)
     else:
         print(render_table())
     return 0
@@ -89,7 +101,7 @@ def cmd_group_limit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cleanup(args: argparse.Namespace) -> int:
+def cmd_cleanup(_: argparse.Namespace) -> int:
     removed = budget.cleanup()
     for path in removed:
         print(f"removed {path}")
@@ -99,10 +111,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    if args.interval <= 0:
-        raise UsageError("--interval must be more than 0 seconds")
+    if not args.interval > 0 or args.interval == float("inf"):
+        raise UsageError("--interval must be a number of seconds more than 0")
     try:
         while True:
+            budget.reap()
             sys.stdout.write("\x1b[H\x1b[2J" + render_table() + "\n")
             sys.stdout.flush()
             time.sleep(args.interval)
@@ -115,15 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("list", help="list pools (live and dead)")
+    p = sub.add_parser("list", help="list pools (live and dead) and unreadable record files")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("limit", help="set a pool's limit (SIZE like 512M, 2G, or `none`)")
-    p.add_argument("name")
+    p.add_argument("name", help="the pool's exact name, as `kvctl list` shows it")
     p.add_argument("size")
     p.set_defaults(func=cmd_limit)
     p = sub.add_parser("limit-percent", help="set a pool's limit as a percentage of its virtual size")
-    p.add_argument("name")
+    p.add_argument("name", help="the pool's exact name")
     p.add_argument("percent")
     p.set_defaults(func=cmd_limit_percent)
     p = sub.add_parser("group-limit", help="cap a group's total (SIZE, or `none` to remove the cap)")
@@ -131,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("size")
     p.add_argument("--create", action="store_true", help="allow a group with no pools yet (cap before start)")
     p.set_defaults(func=cmd_group_limit)
-    p = sub.add_parser("cleanup", help="remove records and pool files of dead processes")
+    p = sub.add_parser("cleanup", help="remove what dead processes left: records, their pool files, empty groups")
     p.set_defaults(func=cmd_cleanup)
     p = sub.add_parser("watch", help="redraw the table every few seconds (Ctrl-C stops)")
     p.add_argument("-n", "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
@@ -150,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyError as exc:
         print(f"kvctl: {exc.args[0]}", file=sys.stderr)
-    except (ValueError, UsageError) as exc:
+    except (ValueError, UsageError, ShmDirError, FileExistsError) as exc:
+        print(f"kvctl: {exc}", file=sys.stderr)
+    except RuntimeError as exc:  # a lease held by another process
         print(f"kvctl: {exc}", file=sys.stderr)
     return 2
 

@@ -1,5 +1,8 @@
 """kvtop: a live view of kvcached pools: per-pool bars of used / reserved against the limit, group caps,
-and device memory when NVML is available. `kvtop --once` prints one frame (for scripts and CI)."""
+and device memory when NVML is available. `kvtop --once` prints one frame (for scripts and CI).
+
+Each frame first reaps what dead processes left (kvcached.budget.reap), so the view shows the living; record files
+that cannot be read are listed apart, never decoded."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kvcached import budget
+from kvcached.shm import ShmDirError, shm_dir
 from kvcached.units import format_size
 
 BAR_WIDTH = 30
@@ -51,16 +55,21 @@ def device_memory() -> list[tuple[str, int, int]]:
 def build_frame() -> Group:
     """One frame: pools, groups, devices."""
     instances = budget.list_instances()
-    pools = Table(title=f"kvcached pools ({budget.shm_dir()})", expand=False)
+    pools = Table(title=f"kvcached pools ({shm_dir()})", expand=False)
     for col in ("name", "group", "pid", "used", "reserved", "limit", "virtual"):
         pools.add_column(col, justify="right" if col not in ("name", "group") else "left")
     pools.add_column("used █ / reserved ▒ of limit", min_width=BAR_WIDTH, no_wrap=True)
     for i in instances:
         name = Text(i.name) if i.alive else Text(f"{i.name} (dead)", style="red")
+        limit = format_size(i.effective_limit_bytes) + (" (lease)" if i.lease_limit_bytes is not None else "")
         pools.add_row(name, i.group, str(i.pid), format_size(i.used_bytes), format_size(i.reserved_bytes),
-                      format_size(i.limit_bytes), format_size(i.virtual_bytes),
-                      usage_bar(i.used_bytes, i.reserved_bytes, i.limit_bytes))
-    if not instances:
+                      limit, format_size(i.virtual_bytes),
+                      usage_bar(i.used_bytes, i.reserved_bytes, i.effective_limit_bytes))
+    unreadable = budget.list_unreadable()
+    for u in unreadable:
+        pools.add_row(Text(f"{u.name} (unreadable)", style="red"), "?", str(u.pid or "?"), "", "", "", "",
+                      Text(u.reason[:BAR_WIDTH * 2], style="red"))
+    if not instances and not unreadable:
         pools.add_row("(no pools)", "", "", "", "", "", "", "")
     parts: list = [pools]
     groups = budget.list_groups()
@@ -100,17 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
     parser.add_argument("-n", "--interval", type=float, default=1.0, help="seconds between frames (default 1)")
     args = parser.parse_args(argv)
-    if args.interval <= 0:
-        print("kvtop: --interval must be more than 0 seconds", file=sys.stderr)
+    if not 0 < args.interval < float("inf"):
+        print("kvtop: --interval must be a number of seconds more than 0", file=sys.stderr)
         return 2
-    if args.once:
-        Console().print(build_frame())
-        return 0
     try:
+        budget.reap()
+        if args.once:
+            Console().print(build_frame())
+            return 0
         with Live(build_frame(), refresh_per_second=max(1.0, 1 / args.interval), screen=False) as live:
             while True:
                 time.sleep(args.interval)
+                budget.reap()
                 live.update(build_frame())
+    except ShmDirError as exc:
+        print(f"kvtop: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import weakref
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from kvcached.shm import sanitize_name
 from kvlab.engines.errors import Diagnosis, ServerError
 from kvlab.engines.ports import free_port, port_in_use
 from kvlab.load import client
@@ -88,6 +90,11 @@ class VLLMServer:
         self.enforce_eager = enforce_eager
         self.kv_cache_gib = kv_cache_gib
         self.name = name or f"{Path(self.model.rstrip('/')).name}-{'kvcached' if kvcached else 'static'}"
+        # The engine's exact kvcached name (its budget record in `kvctl list`): fixed here, so probes, the router's
+        # sleep and cleanup find it by name, never by a prefix another engine's name could share. It survives
+        # restarts (a `stop` sleep), whose new record takes the same name once the old process is gone.
+        self.kvcached_name = str(self.extra_env.get("KVCACHED_INSTANCE") or
+                                 f"{sanitize_name(self.name)[:80]}-{secrets.token_hex(3)}")
         self.log_dir = Path(log_dir) if log_dir else None
         self.startup_timeout = startup_timeout
         self.python = python or sys.executable
@@ -192,19 +199,19 @@ class VLLMServer:
                 env["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_gib))
             else:
                 env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM-CPU would let it override the flag
-        # Each server fixes its own kvcached instance at start-up; never inherit one from this process.
-        env.pop("KVCACHED_INSTANCE", None)
         if self.kvcached:
             env["ENABLE_KVCACHED"] = "true"
             if self.ipc_name is None:
                 self.ipc_name = f"kvlab-{os.getpid()}-{self.port}"
             env["KVCACHED_IPC_NAME"] = self.ipc_name
-            # kvcached's records (kvctl list, kvtop) are named after the server.
+            # kvcached's record (kvctl list, kvtop) is named after the server, exactly.
             env["KVCACHED_INSTANCE_NAME"] = self.name
+            env["KVCACHED_INSTANCE"] = self.kvcached_name
             # Endpoint plugins load only when named, and naming one restricts the general plugins too.
             env.setdefault("VLLM_PLUGINS", "kvcached,kvcached_stats")
         else:
             env["ENABLE_KVCACHED"] = "false"
+            env.pop("KVCACHED_INSTANCE", None)  # never inherit another engine's name from this process
         env.update(self.extra_env)
         return env
 
@@ -302,10 +309,10 @@ class VLLMServer:
         if self._finalizer:
             self._finalizer.detach()
         if self.kvcached:
-            # An engine stopped by signal may not get to close its kvcached record; drop what it left behind.
-            from kvcached.budget import cleanup
+            # An engine stopped by signal may not get to close its kvcached record: reap what the dead left.
+            from kvcached.budget import reap
 
-            cleanup(prefix=f"{self.name}-")
+            reap()
 
     def __enter__(self) -> "VLLMServer":
         if not self.is_running():

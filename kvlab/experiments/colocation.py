@@ -40,14 +40,12 @@ def start_colocation(run: Run, models: Sequence[str], *, kvcached: bool, kv_cach
 def stop_colocation(colo: Colocation) -> None:
     """Stop the engines and drop their group's cap: a capped group outlives its members on purpose (a cap may be
     set before engines start), so an experiment that set one removes it, and with it the group's files."""
-    from kvcached.budget import cleanup, list_groups, set_group_limit
+    from kvcached.budget import list_groups, reap, set_group_limit
 
     colo.stop()
     if colo.kvcached and any(g.name == colo.ipc_name for g in list_groups()):
         set_group_limit(colo.ipc_name, None)
-        # Only records of the engines just stopped; the uncapped, memberless group goes with them.
-        for server in colo:
-            cleanup(prefix=server.name)
+        reap()  # the records of the engines just stopped, and with them the uncapped, memberless group
 
 
 def memory_sources(colo: Colocation, series: Sequence[str], device: str = "cpu") -> list[Any]:

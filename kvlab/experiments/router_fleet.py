@@ -189,7 +189,6 @@ def stop_router_fleet(rf: RouterFleet) -> None:
             rf._thread.join(timeout=60)
     finally:
         rf.fleet.stop()
-        from kvcached.budget import cleanup
+        from kvcached.budget import reap
 
-        for name in rf.names:  # records of engines that were stopped by signal
-            cleanup(prefix=f"{name}-")
+        reap()  # records of engines that were stopped by signal

@@ -85,9 +85,13 @@ def wait_until_candidate(run: Run, rf: RouterFleet, model: str, timeout_s: float
 
 
 def _kv_records(rf: RouterFleet, model: str) -> list[Any]:
-    from kvcached.budget import list_instances
+    from kvcached.budget import find_instance
 
-    return [r for r in list_instances() if r.alive and r.name.startswith(f"{model}-") and r.group == rf.group]
+    try:
+        info = find_instance(rf.instance(model).server.kvcached_name)
+    except KeyError:
+        return []
+    return [info] if info.alive and info.group == rf.group else []
 
 
 def sleep_model(run: Run, rf: RouterFleet, model: str, *, asleep_s: float = 3.0) -> dict[str, Any]:

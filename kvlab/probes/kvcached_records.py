@@ -11,16 +11,16 @@ from kvlab.probes.protocol import KV_RESERVED_BYTES, Probe, Reading
 class KvcachedSource:
     """used/reserved/limit bytes of kvcached pools, read from the shared-memory records (no engine involved).
 
-    Pools are matched by `instance_prefix` (record name), by `group` (KVCACHED_IPC_NAME), or by `server`
+    Pools are matched by `name` (the exact record name), by `group` (KVCACHED_IPC_NAME), or by `server`
     (records owned by a process of that server's tree). Live records only; several matches are summed.
     """
 
-    def __init__(self, series: str, instance_prefix: str | None = None, *, group: str | None = None,
+    def __init__(self, series: str, name: str | None = None, *, group: str | None = None,
                  server: Any = None, interval_s: float | None = None) -> None:
-        if instance_prefix is None and group is None and server is None:
-            raise ValueError("KvcachedSource needs instance_prefix=, group= or server= to know which pools to read")
+        if name is None and group is None and server is None:
+            raise ValueError("KvcachedSource needs name=, group= or server= to know which pools to read")
         self.series = series
-        self.instance_prefix = instance_prefix
+        self.name = name
         self.group = group
         self.server = server
         self.interval_s = interval_s
@@ -30,7 +30,7 @@ class KvcachedSource:
     def _matches(self, info: Any) -> bool:
         if not info.alive:
             return False
-        if self.instance_prefix is not None and not info.name.startswith(self.instance_prefix):
+        if self.name is not None and info.name != self.name:
             return False
         if self.group is not None and info.group != self.group:
             return False

@@ -30,7 +30,11 @@ class RecordingRegion:
         self.page_size = page_size
         self.num_pages = size // page_size
         self.mapped: set[int] = set()
-        self.fail_next_map = False
+        # An exception to raise at the next call (MemoryError: out of memory; OSError or RuntimeError: a fault),
+        # after `fail_after` pages of the call took effect, as a backend that fails part-way would.
+        self.fail_next_map: BaseException | bool | None = None
+        self.fail_next_unmap: BaseException | None = None
+        self.fail_after = 0
         self.watched_lock: threading.Lock | None = None
         self.calls_under_lock = 0
         self.maps = 0
@@ -39,16 +43,30 @@ class RecordingRegion:
         if self.watched_lock is not None and self.watched_lock.locked():
             self.calls_under_lock += 1
 
+    @property
+    def num_mapped(self) -> int:
+        return len(self.mapped)
+
+    def is_mapped(self, page: int) -> bool:
+        return page in self.mapped
+
     def map(self, pages: Sequence[int]) -> None:
+        """All or nothing, as Region.map: a failure leaves nothing of this call mapped."""
         self._check_lock()
         if self.fail_next_map:
-            self.fail_next_map = False
-            raise MemoryError("injected by RecordingRegion")
+            exc = self.fail_next_map
+            self.fail_next_map = None
+            raise MemoryError("injected by RecordingRegion") if exc is True else exc
         self.maps += 1
         self.mapped |= set(pages)
 
     def unmap(self, pages: Sequence[int]) -> None:
+        """Not all or nothing, as Region.unmap: a failure keeps the pages not yet released."""
         self._check_lock()
+        if self.fail_next_unmap is not None:
+            exc, self.fail_next_unmap = self.fail_next_unmap, None
+            self.mapped -= set(sorted(set(pages))[: self.fail_after])
+            raise exc
         self.mapped -= set(pages)
 
     def resident_pages(self) -> list[int]:

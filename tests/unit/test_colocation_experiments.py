@@ -34,7 +34,8 @@ def test_tables_read_the_shared_records(shm_dir) -> None:  # noqa: F811
     b = BudgetRecord.create(64 * MIB, name="model-b", group="colo-test")
     other = BudgetRecord.create(64 * MIB, name="elsewhere", group="other")
     try:
-        assert a.try_reserve(32 * MIB, pages=16)
+        assert a.try_reserve(32 * MIB)
+        a.set_used(0, 0, reserved_pages=16)
         rows = instances_table("colo-test")
         assert len(rows) == 2 and sorted(rows["name"]) == sorted([a.name, b.name])
         assert rows["reserved_mb"].sum() == pytest.approx(32 * MIB / 1e6)

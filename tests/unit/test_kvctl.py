@@ -83,17 +83,14 @@ def test_console_script_and_help(pools):
     assert bad.returncode == 2 and "invalid size" in bad.stderr
 
 
-def test_cleanup_after_sigkill(shm_dir, capsys):
+def test_kvctl_reaps_what_a_killed_owner_left(shm_dir, capsys):
     pool = Path(shm_dir) / "victim.pool"
     proc = spawn_victim(pool)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    (info,) = budget.list_instances()
+    assert not info.alive, "reading changes nothing: the library lists the dead record"
     assert kvctl.main(["list", "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)
-    assert row["name"] == "victim" and row["alive"] is False
-    assert kvctl.main(["list"]) == 0
-    assert "DEAD" in capsys.readouterr().out
-    assert kvctl.main(["cleanup"]) == 0
-    out = capsys.readouterr().out
-    assert "victim.rec" in out and str(pool) in out
-    assert not pool.exists() and budget.list_instances() == []
+    assert json.loads(capsys.readouterr().out) == [], "kvctl reaps what dead owners left before it lists"
+    assert not pool.exists() and not (Path(shm_dir) / "victim.rec").exists()
+    assert kvctl.main(["cleanup"]) == 0 and "nothing to clean up" in capsys.readouterr().out

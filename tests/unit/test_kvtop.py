@@ -11,11 +11,11 @@ from kvcached.cli import kvtop
 M = 1 << 20
 
 
-def test_render_once_shows_pools_groups_and_dead(shm_dir):
+def test_render_once_shows_pools_groups_and_dead(shm_dir, capsys):
+    rec = BudgetRecord.create(1024 * M, name="llama", group="g")
     proc = spawn_victim(Path(shm_dir) / "victim.pool")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    rec = BudgetRecord.create(1024 * M, name="llama", group="g")
     rec.try_reserve(512 * M)
     rec.set_used(256 * M, 1)
     budget.set_group_limit("g", 2048 * M)
@@ -24,6 +24,8 @@ def test_render_once_shows_pools_groups_and_dead(shm_dir):
     assert "victim (dead)" in frame
     assert "2.0G" in frame, "the group cap is shown"
     assert "█" in frame and "▒" in frame
+    assert kvtop.main(["--once"]) == 0
+    assert "victim" not in capsys.readouterr().out, "kvtop reaps what dead owners left before it draws"
     rec.close()
 
 

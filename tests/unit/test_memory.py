@@ -146,9 +146,10 @@ def test_kvcached_source_reads_budget_records(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("KVCACHED_SHM_DIR", str(tmp_path / "shm"))
     with BudgetRecord.create(64 * MiB, name="engine-a-1", group="grp", page_bytes=2 * MiB) as a, \
             BudgetRecord.create(64 * MiB, name="other-1", group="grp2", page_bytes=2 * MiB):
-        assert a.try_reserve(6 * MiB, pages=3)
-        a.set_used(4 * MiB, 2)
-        readings = {m: v for s, m, v in KvcachedSource("a", "engine-a").read()}
+        assert a.try_reserve(6 * MiB)
+        a.set_used(4 * MiB, 2, reserved_pages=3)
+        assert KvcachedSource("a", "engine-a").read() == [], "a name is matched exactly, never as a prefix"
+        readings = {m: v for s, m, v in KvcachedSource("a", "engine-a-1").read()}
         assert readings[memory.KV_RESERVED_BYTES] == 6 * MiB
         assert readings["kv_used_bytes"] == 4 * MiB
         assert readings["kv_pools"] == 1
@@ -159,7 +160,7 @@ def test_kvcached_source_reads_budget_records(tmp_path: Path, monkeypatch: pytes
         mine = types.SimpleNamespace(pid=os.getpid())  # a "server" whose tree is this process
         assert {m for _, m, _ in KvcachedSource("me", server=mine).read()} >= {memory.KV_RESERVED_BYTES}
         assert KvcachedSource("none", "no-such-pool").read() == []
-    with pytest.raises(ValueError, match="instance_prefix"):
+    with pytest.raises(ValueError, match="name="):
         KvcachedSource("x")
 
 

@@ -29,7 +29,8 @@ async def fake_engine_gives_pages_back(record: BudgetRecord, stop: asyncio.Event
 def test_kv_level_zeroes_the_limit_and_restores_it(shm_dir):
     async def scenario():
         record = BudgetRecord.create(512 * MiB, name="tiny-kvcached-ab12cd", page_bytes=2 * MiB, limit_bytes=256 * MiB)
-        assert record.try_reserve(64 * MiB, pages=32)
+        assert record.try_reserve(64 * MiB)
+        record.set_used(0, 0, reserved_pages=32)
         port = free_port()
         runner, _ = await start_noop_server("127.0.0.1", port, "m", kv_instance="tiny-kvcached-ab12cd")
         stop = asyncio.Event()
@@ -40,13 +41,14 @@ def test_kv_level_zeroes_the_limit_and_restores_it(shm_dir):
                                    gpu=False)
             assert manager.status()["models"]["m"]["level"] == "kv"
             entry = await manager.sleep("m")
-            assert find_instance(record.name).limit_bytes == 0
+            asleep = find_instance(record.name)
+            assert asleep.effective_limit_bytes == 0 and asleep.limit_bytes == 256 * MiB, "a lease, not a new limit"
             assert entry["freed_kv_bytes"] == 62 * MiB and entry["level"] == "kv"
             last = manager.status()["models"]["m"]["last_sleep"]
             assert last["memory_before"]["kv_reserved_bytes"] == 64 * MiB
             assert last["memory_after"]["kv_reserved_bytes"] == 2 * MiB
             woke = await manager.wake("m")
-            assert woke["woken"] and find_instance(record.name).limit_bytes == 256 * MiB
+            assert woke["woken"] and find_instance(record.name).effective_limit_bytes == 256 * MiB
         stop.set()
         await engine
         await runner.cleanup()

@@ -33,6 +33,9 @@ from kvcached.kv_cache_manager import KVCacheManager
 logger = logging.getLogger("kvcached")
 
 RECLAIM_TICK_S = 0.1
+# How often the pool file is swept for pages a lagging worker wrote back after their unmap, under load too: such
+# a page is memory no budget counts, so it must not wait for the engine to go idle.
+SWEEP_INTERVAL_S = 2.0
 # How long a free block stays in the prefix cache (holding its page) before kvcached reclaims it. Short, because
 # an idle engine should hold no KV memory; raise KVCACHED_PREFIX_RETENTION_S to trade memory for prefix hits.
 DEFAULT_RETENTION_S = 0.5
@@ -61,6 +64,7 @@ class ElasticBlockPool:
         self._on_close = on_close
         self._last_busy = time.monotonic()  # last time a request held a block (the null block aside)
         self._swept = False
+        self._last_sweep = time.monotonic()
         self._closed = threading.Event()
         # The null block (id 0) pads block tables and is read by kernels: its page stays mapped for good.
         if not manager.claim([pool.null_block.block_id]):
@@ -189,6 +193,8 @@ class ElasticBlockPool:
             held = self.manager.live_blocks() - len(self._cached_free) - len(self._prefetched) - 1  # - null block
             if held > 0:
                 self._last_busy = now
+        if now - self._last_sweep >= SWEEP_INTERVAL_S:
+            self._sweep(now)
         if now - self._last_busy < self.retention_s:
             self._swept = False
             return
@@ -197,10 +203,16 @@ class ElasticBlockPool:
         # memory is back to idle soon after the load ends.
         self.manager.trim()
         if not self._swept:
-            # A worker whose view was a step behind an unmap may have written a freed page back into the
-            # pool file; punch such strays once per idle period (the region knows which pages are committed).
-            self.manager.region.sweep()
+            self._sweep(now)  # once more after the trim: the last pages given back may have had a late writer
             self._swept = True
+
+    def _sweep(self, now: float) -> None:
+        """Punch pages of the pool file that hold data but are not committed: a worker whose view was a step
+        behind an unmap wrote them back (the region knows which pages are committed)."""
+        self._last_sweep = now
+        strays = self.manager.region.sweep()
+        if strays:
+            logger.debug("kvcached: swept %d page(s) a lagging worker wrote back", strays)
 
     def _reclaim_loop(self) -> None:
         while not self._closed.wait(RECLAIM_TICK_S):

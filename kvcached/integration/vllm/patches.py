@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
-import os
 from types import ModuleType
 from typing import Any
 
@@ -235,22 +234,32 @@ def attach_elastic_pool(scheduler: Any) -> None:
     layout = vllm_config.cache_config.get_resolved_kv_cache_layout()
     plan = plan_pool(scheduler.kv_cache_config, layout, settings.page_size)
     path = settings.pool_path()
-    if not path.exists():
-        raise UnsupportedLayout(f"the worker made no kvcached pool at {path}")
-    # The scheduler only decides which pages are committed; on CUDA the workers map them in their own context.
-    backend = "host" if settings.backend == "host" else "state"
-    region = _core.Region(plan.buffer_size, settings.page_size, backend=backend, path=str(path))
+    region = worker.region_at(path)
+    owns_region = region is None
+    if region is not None:
+        # One process (vLLM on one GPU runs its worker inside the EngineCore): map through the worker's own region.
+        # A device out of memory is then the allocator's refusal (the request waits), never a failed step, and the
+        # region's handle pool is counted in the budget, so it may be on.
+        if settings.backend == "cuda":
+            region.set_pool_limit(worker.POOL_ON)
+    else:
+        if not path.exists():
+            raise UnsupportedLayout(f"the worker made no kvcached pool at {path}")
+        # The scheduler only decides which pages are committed; on CUDA the workers map them in their own context.
+        backend = "host" if settings.backend == "host" else "state"
+        region = _core.Region(plan.buffer_size, settings.page_size, backend=backend, path=str(path))
     # Every process that needs the file has it open now: unlink it, so a crash can never leak the pool.
-    os.unlink(path)
+    path.unlink(missing_ok=True)
     record = BudgetRecord.create(plan.layout.num_logical_pages * plan.layout.logical_page_bytes,
-                                 name=settings.engine_name, group=settings.group,
+                                 name=settings.engine_name, group=settings.group, exact=True,
                                  page_bytes=plan.layout.logical_page_bytes, pool_path=str(path),
                                  backend=settings.backend)
     manager = KVCacheManager(plan.layout, region, record)
 
     def close() -> None:
         record.close()
-        region.close()
+        if owns_region:
+            region.close()
 
     pool = scheduler.kv_cache_manager.block_pool
     pool._kvcached = elastic = ElasticBlockPool(pool, manager,

@@ -19,6 +19,7 @@ def register() -> None:
     if _installed or not engine_env.kvcached_enabled():
         return
     _installed = True
+    _apply_log_level()
     import vllm
 
     version = getattr(vllm, "__version__", "unknown")
@@ -34,3 +35,17 @@ def register() -> None:
     patches.install()
     settings = engine_env.engine_settings("cpu")
     logger.info("kvcached: elastic KV cache enabled (engine %s, group %s)", settings.engine_name, settings.group)
+
+
+def _apply_log_level() -> None:
+    """KVCACHED_LOG_LEVEL (DEBUG, INFO, WARNING, ERROR) for the `kvcached` logger; a bad value is reported."""
+    import os
+
+    raw = os.environ.get("KVCACHED_LOG_LEVEL", "").strip().upper()
+    if not raw:
+        return
+    level = logging.getLevelName(raw)
+    if isinstance(level, int):
+        logger.setLevel(level)
+    else:
+        logger.warning("kvcached: KVCACHED_LOG_LEVEL=%r is not a log level: use DEBUG, INFO, WARNING or ERROR", raw)

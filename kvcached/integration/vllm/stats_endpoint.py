@@ -12,10 +12,12 @@ from typing import Any
 
 
 def instance_stats(instance: str) -> dict[str, Any]:
-    from kvcached.budget import list_instances
+    """The engine's budget record, found by its exact name (never by prefix: `kva` must not report `kvab`)."""
+    from kvcached.budget import find_instance
 
-    records = [info for info in list_instances() if info.name.startswith(instance)]
-    if not records:
+    try:
+        records = [find_instance(instance)]
+    except KeyError:
         return {"enabled": False, "instance": instance, "instances": []}
     return {
         "enabled": True,
@@ -23,6 +25,7 @@ def instance_stats(instance: str) -> dict[str, Any]:
         "used_bytes": sum(r.used_bytes for r in records),
         "reserved_bytes": sum(r.reserved_bytes for r in records),
         "limit_bytes": sum(r.limit_bytes for r in records),
+        "effective_limit_bytes": sum(r.effective_limit_bytes for r in records),
         "virtual_bytes": sum(r.virtual_bytes for r in records),
         "used_pages": sum(r.used_pages for r in records),
         "reserved_pages": sum(r.reserved_pages for r in records),

@@ -18,11 +18,20 @@ from typing import Any
 
 from kvcached.integration.vllm import engine_env
 from kvcached.integration.vllm.layout import UnsupportedLayout, plan_pool
+from kvcached.shm import ensure_dir
 
 logger = logging.getLogger("kvcached")
 
 IDLE_SYNC_INTERVAL_S = 0.1
+# The CUDA handle pool of a region whose pages a scheduler in ANOTHER process decides: it would hold device memory
+# no budget sees, so it stays off; a scheduler in this process adopts the region and turns it on (it counts it).
+POOL_OFF = 0
+POOL_ON = 64
 _regions: list[Any] = []  # regions of this worker process; they live as long as the engine does
+# Held for a whole model step, and by the idle-sync thread while it changes the view: the thread never unmaps a
+# page while a step runs. (With async scheduling the GPU may still run a step after execute_model returned; the
+# CUDA backend synchronizes the device before any unmap, so those kernels finish first.)
+_step_lock = threading.Lock()
 
 
 class _TorchWithPoolZeros:
@@ -73,9 +82,11 @@ def elastic_allocate_kv_cache(original, utils_module):
 
         device_index = torch.device(device).index or 0
         path = settings.pool_path()
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_dir(path.parent)
         region = _core.Region(plan.buffer_size, settings.page_size, backend=settings.backend,
                               device=device_index, path=str(path))
+        if settings.backend == "cuda":
+            region.set_pool_limit(POOL_OFF)
         buffer = torch.from_dlpack(region)
         _regions.append(region)
         padded = dataclasses.replace(kv_cache_config, kv_cache_tensors=plan.kv_cache_tensors)
@@ -116,6 +127,14 @@ def capped_available_memory(original):
     return determine_available_memory
 
 
+def region_at(path: Any) -> Any:
+    """The region this process made for `path`, if any: a scheduler in this process maps through it directly."""
+    for region in _regions:
+        if region.path == str(path):
+            return region
+    return None
+
+
 def sync_regions() -> None:
     for region in _regions:
         region.sync()
@@ -126,9 +145,11 @@ def syncing_execute_model(original):
 
     @functools.wraps(original)
     def execute_model(self, *args, **kwargs):
-        if _regions:
+        if not _regions:
+            return original(self, *args, **kwargs)
+        with _step_lock:
             sync_regions()
-        return original(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
 
     return execute_model
 
@@ -146,7 +167,12 @@ def _start_idle_sync() -> None:
         stop = threading.Event()
         while not stop.wait(IDLE_SYNC_INTERVAL_S):
             try:
-                sync_regions()
+                # Only between steps: a step in progress holds the lock, and its own sync came first.
+                if _step_lock.acquire(timeout=IDLE_SYNC_INTERVAL_S):
+                    try:
+                        sync_regions()
+                    finally:
+                        _step_lock.release()
             except Exception:  # a failing sync must not kill the engine; the next step syncs again
                 logger.exception("kvcached: background sync failed")
 

@@ -4,8 +4,9 @@ admin API."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import aiohttp
 
@@ -14,6 +15,11 @@ from kvlab.router.sleep.memory import kv_records
 
 KV_RELEASE_TIMEOUT_S = 15.0
 KV_RELEASE_STABLE_S = 2.0
+# A kv sleep's lease: renewed every third of it while the model sleeps, so a dead router's sleep ends this long
+# after its last renewal (sooner: kvcached drops a lease as soon as its holder's process is gone).
+KV_LEASE_S = 30.0
+
+log = logging.getLogger("kvlab.router.sleep")
 
 
 class SleepError(RuntimeError):
@@ -44,15 +50,23 @@ class SleepLevel(Protocol):
 
 
 class _KVLimit:
-    """Limit 0 on every budget record of one engine, and the limits to put back."""
+    """A lease holding one engine's kvcached limit at 0 while it sleeps (kvcached's admin API).
 
-    def __init__(self, backend: Backend, session: Callable[[], aiohttp.ClientSession]) -> None:
+    The lease is renewed while the model sleeps; if the router dies, it runs out and the engine gets its own limit
+    back by itself. Waking drops the lease: nothing was saved, so nothing has to be restored, and a limit changed
+    meanwhile (`kvctl limit`) is the one that binds after."""
+
+    def __init__(self, backend: Backend, session: Callable[[], aiohttp.ClientSession],
+                 lease_s: float = KV_LEASE_S) -> None:
         self.backend = backend
         self._session = session
+        self._lease_s = lease_s
         self._instance: str | None = None
-        self._saved: dict[str, int] = {}
+        self._lease: Any = None
+        self._renewer: asyncio.Task | None = None
 
     async def instance(self) -> str:
+        """The engine's exact kvcached name, as its /kvcached/stats reports it."""
         if self._instance:
             return self._instance
         url = self.backend.url + "/kvcached/stats"
@@ -61,23 +75,37 @@ class _KVLimit:
                 stats = await resp.json(content_type=None) if resp.status == 200 else {}
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             raise SleepError(f"cannot read {url} ({e}): is {self.backend.name} up?") from None
-        if not stats.get("instance") or not stats.get("enabled", True):
+        name = stats.get("instance") if isinstance(stats, dict) else None
+        if not isinstance(name, str) or not name or not stats.get("enabled", True):
             raise SleepError(f"{self.backend.name} reports no kvcached instance at {url}: start it with "
                              "ENABLE_KVCACHED=true and VLLM_PLUGINS=kvcached,kvcached_stats, or use sleep_level stop")
-        self._instance = str(stats["instance"])
+        self._instance = name
         return self._instance
 
     async def release(self) -> None:
         from kvcached import budget
 
-        records = kv_records(await self.instance())
-        if not records:
-            raise SleepError(f"no live kvcached record starts with {self._instance!r}: is KVCACHED_SHM_DIR the "
-                             "same for the router and the engine? (`kvctl list` shows the records)")
-        for rec in records:
-            self._saved.setdefault(rec.name, rec.limit_bytes)
-            budget.set_limit(rec.name, 0)
+        name = await self.instance()
+        try:
+            self._lease = budget.lease_limit(name, 0, ttl_s=self._lease_s)
+        except KeyError:
+            raise SleepError(f"no kvcached record named {name!r}: is KVCACHED_SHM_DIR the same for the router and "
+                             "the engine? (`kvctl list` shows the records)") from None
+        except (RuntimeError, ValueError) as e:  # another holder's lease, or a record nobody can read
+            raise SleepError(f"cannot lower {name!r}'s limit: {e}") from None
+        self._renewer = asyncio.get_running_loop().create_task(self._renew(), name=f"kvlab-lease-{name}")
         await self._wait_released()
+
+    async def _renew(self) -> None:
+        from kvcached.budget import LeaseLost
+
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                await asyncio.to_thread(self._lease.renew)
+            except (LeaseLost, OSError, ValueError) as e:  # the engine restarted or its record went: nothing held
+                log.warning("kv sleep of %s: lease not renewed (%s)", self.backend.name, e)
+                return
 
     async def _wait_released(self) -> None:
         """Until the engine has given its idle pages back (reserved stops falling), so the figure is the freed one."""
@@ -96,14 +124,12 @@ class _KVLimit:
             await asyncio.sleep(0.1)
 
     def restore(self) -> None:
-        from kvcached import budget
-
-        for name, limit in self._saved.items():
-            try:
-                budget.set_limit(name, limit)
-            except KeyError:
-                pass  # the engine restarted: its new record has its own limit
-        self._saved.clear()
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
 
 class KVLevel:

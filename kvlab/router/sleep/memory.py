@@ -7,11 +7,15 @@ from kvlab.probes.proc import read_pss
 from kvlab.router.backends import Backend, pids_listening_on
 
 
-def kv_records(instance_prefix: str) -> list:
-    """kvcached budget records of one engine (its scheduler and workers each publish one)."""
-    from kvcached.budget import list_instances
+def kv_records(name: str) -> list:
+    """The engine's kvcached budget record, found by its exact name (empty when it is gone or not alive)."""
+    from kvcached.budget import find_instance
 
-    return [r for r in list_instances() if r.alive and r.name.startswith(instance_prefix)]
+    try:
+        info = find_instance(name)
+    except KeyError:
+        return []
+    return [info] if info.alive else []
 
 
 def measure_memory(backend: Backend, kv_instance: str | None) -> dict:
