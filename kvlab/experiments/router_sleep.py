@@ -115,7 +115,7 @@ def sleep_model(run: Run, rf: RouterFleet, model: str, *, asleep_s: float = 3.0)
                    kv_reserved_after_mb=after["kv_reserved_bytes"] / MB,
                    freed_kv_mb=last["freed_kv_bytes"] / MB)
     if records:  # a kv (or engine) sleeper: its records stay, with limit 0
-        out.update(kv_records=len(records), kv_limit_bytes_asleep=sum(r.limit_bytes for r in records),
+        out.update(kv_records=len(records), kv_limit_bytes_asleep=sum(r.effective_limit_bytes for r in records),
                    kv_reserved_bytes_asleep=sum(r.reserved_bytes for r in records),
                    null_page_bytes=sum(r.page_bytes for r in records))
     out.update(_probe_drop(run, model))

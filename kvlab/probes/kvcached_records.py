@@ -51,7 +51,7 @@ class KvcachedSource:
             return []
         return [(self.series, "kv_used_bytes", float(sum(i.used_bytes for i in infos))),
                 (self.series, KV_RESERVED_BYTES, float(sum(i.reserved_bytes for i in infos))),
-                (self.series, "kv_limit_bytes", float(sum(i.limit_bytes for i in infos))),
+                (self.series, "kv_limit_bytes", float(sum(i.effective_limit_bytes for i in infos))),
                 (self.series, "kv_virtual_bytes", float(sum(i.virtual_bytes for i in infos))),
                 (self.series, "kv_pools", float(len(infos)))]
 
@@ -66,7 +66,7 @@ def instances_table(group: str | None = None) -> Any:
     from kvcached.budget import list_instances
 
     rows = [{"name": i.name, "group": i.group, "pid": i.pid, "used_mb": i.used_bytes / 1e6,
-             "reserved_mb": i.reserved_bytes / 1e6, "limit_mb": i.limit_bytes / 1e6,
+             "reserved_mb": i.reserved_bytes / 1e6, "limit_mb": i.effective_limit_bytes / 1e6,
              "virtual_mb": i.virtual_bytes / 1e6} for i in list_instances(group) if i.alive]
     return pd.DataFrame(rows, columns=["name", "group", "pid", "used_mb", "reserved_mb", "limit_mb", "virtual_mb"])
 

@@ -44,10 +44,9 @@ def _complete_all(server: VLLMServer, prompts: list[str], max_tokens: int = 24, 
 
 
 def _instance(server: VLLMServer) -> budget.InstanceInfo:
-    prefix = server.kvcached_stats()["instance"]
-    found = [i for i in budget.list_instances() if i.name.startswith(prefix) and i.alive]
-    assert len(found) == 1, f"expected one live kvcached record for {prefix}, got {found}"
-    return found[0]
+    info = budget.find_instance(server.kvcached_name)  # the engine's record, by its exact name
+    assert info.alive and server.kvcached_stats()["instance"] == server.kvcached_name
+    return info
 
 
 def _tree_pss_mb(server: VLLMServer) -> float:
@@ -118,7 +117,8 @@ def static_outputs(static_server):
 def test_kvcached_stats_endpoint(kvcached_server):
     stats = kvcached_server.kvcached_stats()
     assert stats["enabled"] is True
-    assert stats["instance"].startswith(kvcached_server.name)
+    assert stats["instance"] == kvcached_server.kvcached_name and kvcached_server.kvcached_name.startswith(
+        kvcached_server.name)
     assert 0 < stats["reserved_bytes"] <= stats["limit_bytes"]
 
 

@@ -167,9 +167,10 @@ def test_kv_sleep_frees_kv_memory_and_a_request_wakes_it(serve):
     assert entry["level"] == "kv" and entry["manual_sleep"] is True
     last = http("GET", serve.url + "/sleep/status")[1]["models"][KV]["last_sleep"]
     before, after = last["memory_before"], last["memory_after"]
-    from kvcached.budget import list_instances
-    records = [r for r in list_instances() if r.alive and r.name.startswith(KV)]
-    assert records and all(r.limit_bytes == 0 for r in records)
+    from kvcached.budget import find_instance
+    kv_name = http("GET", serve.instances()[KV]["url"] + "/kvcached/stats")[1]["instance"]
+    records = [find_instance(kv_name)]  # the engine's one record, by its exact name
+    assert records[0].alive and records[0].effective_limit_bytes == 0, "asleep: a lease holds the limit at 0"
     null_page = max(r.page_bytes for r in records)  # one logical page: 2 MiB in every layer
     assert before["kv_reserved_bytes"] > after["kv_reserved_bytes"], "the burst's KV pages were given back"
     assert after["kv_reserved_bytes"] <= null_page * len(records), "only the null block's page remains"
@@ -180,7 +181,8 @@ def test_kv_sleep_frees_kv_memory_and_a_request_wakes_it(serve):
     sleep = http("GET", serve.url + "/sleep/status")[1]
     assert KV not in sleep["sleeping_models"]
     assert sleep["models"][KV]["last_wake"]["reason"] == "request"
-    assert all(r.limit_bytes > 0 for r in list_instances() if r.alive and r.name.startswith(KV))
+    awake = find_instance(kv_name)
+    assert awake.lease_limit_bytes is None and awake.effective_limit_bytes == awake.limit_bytes > 0
 
 
 def test_stop_level_frees_the_engine_and_a_request_restarts_it(serve):
@@ -236,8 +238,10 @@ def test_router_alone_auto_sleeps_an_idle_model(serve, tiny_model_dir, tmp_path)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    from kvcached.budget import list_instances
-    assert all(r.limit_bytes > 0 for r in list_instances() if r.alive and r.name.startswith(KV)), \
+    from kvcached.budget import find_instance
+    kv_name = http("GET", instances[KV]["url"] + "/kvcached/stats")[1]["instance"]
+    awake = find_instance(kv_name)
+    assert awake.lease_limit_bytes is None and awake.effective_limit_bytes == awake.limit_bytes > 0, \
         "a router that stops wakes its sleeping models (no limit left at 0)"
 
 

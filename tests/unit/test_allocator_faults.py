@@ -173,3 +173,92 @@ def test_a_full_tmpfs_is_out_of_memory_not_an_error(shm_dir, small_tmpfs):
     assert record.reserved_bytes == 0
     record.close()
     region.close()
+
+
+# A shim over libc's fallocate, loaded with LD_PRELOAD into a child: while KVC_FAIL_FALLOCATE says so, committing
+# ("commit") or releasing ("punch") pages fails with EIO, a real error of the host backend that is not out of memory,
+# met by the C++ core exactly where the kernel would report it.
+_SHIM_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdlib.h>
+#include <string.h>
+int fallocate(int fd, int mode, off_t offset, off_t len) {
+  static int (*real)(int, int, off_t, off_t);
+  if (!real) real = (int (*)(int, int, off_t, off_t))dlsym(RTLD_NEXT, "fallocate");
+  const char* fail = getenv("KVC_FAIL_FALLOCATE");
+  if (fail) {
+    int punch = (mode & FALLOC_FL_PUNCH_HOLE) != 0;
+    if ((punch && strcmp(fail, "punch") == 0) || (!punch && strcmp(fail, "commit") == 0)) {
+      errno = EIO;
+      return -1;
+    }
+  }
+  return real(fd, mode, offset, len);
+}
+"""
+
+_FAULT_SCRIPT = r"""
+import json, os, sys
+from kvcached import _core
+from kvcached.budget import BudgetRecord
+from kvcached.layout import KVLayout
+from kvcached.page_allocator import PageAllocator
+
+P = 2 << 20
+layout = KVLayout(num_blocks=8, block_bytes=P, num_layers=2, page_size=P)
+region = _core.Region(layout.region_size, P, backend="host", path=sys.argv[1])
+record = BudgetRecord.create(layout.num_logical_pages * layout.logical_page_bytes, name="eio", page_bytes=2 * P)
+alloc = PageAllocator(layout, region, record, reserve_pages=0, reclaim_delay_s=60.0, background=False)
+out = {}
+assert alloc.acquire_pages([0, 1])
+os.environ["KVC_FAIL_FALLOCATE"] = "commit"
+try:
+    alloc.acquire_pages([2, 3])
+except OSError as exc:
+    out["map_error"] = exc.errno
+out["after_map"] = [alloc.page_state(p) for p in (0, 1, 2, 3)], region.num_mapped, record.reserved_bytes
+alloc.release_pages([0, 1])
+os.environ["KVC_FAIL_FALLOCATE"] = "punch"
+try:
+    alloc.trim()
+except OSError as exc:
+    out["unmap_error"] = exc.errno
+out["after_unmap"] = [alloc.page_state(p) for p in (0, 1)], region.num_mapped, record.reserved_bytes
+del os.environ["KVC_FAIL_FALLOCATE"]
+out["retry"] = alloc.trim(), alloc.acquire_pages([2, 3]), region.num_mapped, record.reserved_bytes
+alloc.close()
+out["closed"] = region.num_mapped, record.reserved_bytes
+record.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(core_region_class() is None, reason="needs kvcached._core: run `pip install -e .[test]`")
+def test_real_backend_errors_roll_back_through_the_core(shm_dir, tmp_path):
+    import errno
+    import json
+    import shutil
+    import sys
+
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is needed to build the fault shim (it builds kvcached's extension too)")
+    shim = tmp_path / "fallocate_shim.so"
+    (tmp_path / "shim.c").write_text(_SHIM_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "shim.c"), "-ldl"], check=True)
+    env = {**os.environ, "KVCACHED_SHM_DIR": shm_dir, "LD_PRELOAD": str(shim)}
+    out = subprocess.run([sys.executable, "-c", _FAULT_SCRIPT, str(Path(shm_dir) / "eio.pool")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    two_layers = 2 * P
+    assert got["map_error"] == errno.EIO, "a commit that fails for a reason other than memory is raised"
+    assert got["after_map"] == [["in use", "in use", "unmapped", "unmapped"], 4, 2 * two_layers]
+    assert got["unmap_error"] == errno.EIO, "a release that fails is raised"
+    # The core put the bits back for what it could not release: the pages stay idle, counted, and are retried.
+    assert got["after_unmap"] == [["idle", "idle"], 4, 2 * two_layers]
+    assert got["retry"] == [2, True, 4, 2 * two_layers]
+    assert got["closed"] == [0, 0]

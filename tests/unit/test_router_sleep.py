@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from kvcached.budget import BudgetRecord, find_instance
 from kvlab.bench.noop_server import start_noop_server
@@ -95,3 +96,54 @@ def test_memory_probe_reads_this_process_tree():
 
     out = measure_memory(Backend("me", "me", "http://127.0.0.1:1", process=Me()), None)
     assert out["pids"] == 1 and out["pss_bytes"] > 0 and out["rss_bytes"] >= out["pss_bytes"]
+
+
+_ROUTER_THAT_DIES = r"""
+import asyncio, sys
+import aiohttp
+import pytest
+from kvlab.bench.noop_server import start_noop_server
+from kvlab.engines.ports import free_port
+from kvlab.router.backends import Backend
+from kvlab.router.settings import SleepSettings
+from kvlab.router.sleep import SleepManager
+from kvlab.router.traffic import TrafficMonitor
+
+async def main():
+    port = free_port()
+    runner, _ = await start_noop_server("127.0.0.1", port, "m", kv_instance=sys.argv[1])
+    backend = Backend("engine", "m", f"http://127.0.0.1:{port}", kvcached=True)
+    async with aiohttp.ClientSession() as session:
+        manager = SleepManager({"m": backend}, TrafficMonitor(), SleepSettings(), session=lambda: session, gpu=False)
+        await manager.sleep("m")
+        print("asleep", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.faults
+def test_a_kv_sleep_ends_when_the_router_dies(shm_dir):
+    """A router SIGKILLed while a model sleeps must not leave the engine at limit 0: the sleep is a lease."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    record = BudgetRecord.create(512 * MiB, name="engine-kv", page_bytes=2 * MiB)
+    router = subprocess.Popen([sys.executable, "-c", _ROUTER_THAT_DIES, record.name], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "KVCACHED_SHM_DIR": shm_dir})
+    try:
+        assert router.stdout.readline().strip() == "asleep"
+        assert record.limit_bytes == 0, "asleep: the engine may hold nothing"
+        router.send_signal(signal.SIGKILL)
+        router.wait(10)
+        deadline = time.monotonic() + 5
+        while record.limit_bytes == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert record.limit_bytes == 512 * MiB, "the limit comes back with no one left to restore it"
+    finally:
+        router.kill()
+        record.close()

@@ -254,3 +254,45 @@ def test_prefix_cached_blocks_do_not_count_as_busy(elastic_pool):
     ek.reclaim_once()
     assert all(manager.is_live(b.block_id) for b in blocks)  # still kept for prefix hits
     assert ek._last_busy <= freed_at  # ...but nobody is busy
+
+
+def test_a_scheduler_in_the_worker_process_maps_through_the_workers_region(shm_dir):
+    """vLLM on one GPU runs its worker inside the EngineCore: the scheduler then maps pages through the worker's own
+    region, so a failure to back a page (a device out of memory) is the allocator's refusal, seen by the scheduler,
+    instead of a failure in the worker's next step. Here with the host backend and vLLM's real BlockPool; the
+    scheduler object is a TEST DOUBLE carrying only what attach_elastic_pool reads."""
+    import types
+
+    import vllm.v1.worker.utils as utils
+    from vllm.v1.core import block_pool as block_pool_module
+
+    from kvcached.integration.vllm.engine_env import engine_settings
+
+    original = inspect.unwrap(utils.allocate_kv_cache)
+    cfg, _ = _config(num_blocks=37)
+    kv_caches = vllm_worker.elastic_allocate_kv_cache(original, utils)(cfg, torch.device("cpu"), KVCacheLayout.LBHNC)
+    region = vllm_worker._regions[-1]
+    pool_path = engine_settings("cpu").pool_path()
+    assert pool_path.exists()
+    vllm_patches._patch_block_pool(block_pool_module)
+    pool = block_pool_module.BlockPool(num_gpu_blocks=37, enable_caching=True, hash_block_size=16)
+    scheduler = types.SimpleNamespace(
+        vllm_config=types.SimpleNamespace(
+            device_config=types.SimpleNamespace(device_type="cpu"),
+            parallel_config=types.SimpleNamespace(tensor_parallel_size=1),
+            cache_config=types.SimpleNamespace(get_resolved_kv_cache_layout=lambda: KVCacheLayout.LBHNC)),
+        kv_cache_config=cfg, kv_cache_manager=types.SimpleNamespace(block_pool=pool, watermark_blocks=0))
+    try:
+        vllm_patches.attach_elastic_pool(scheduler)
+        elastic = pool._kvcached
+        assert elastic.manager.region is region, "one process: the worker's region, not a second view of the file"
+        assert not pool_path.exists(), "the pool file is unlinked once every user holds it"
+        blocks = pool.get_new_blocks(3)
+        page = elastic.manager.layout.pages_of_block(blocks[0].block_id)[0]
+        assert region.is_mapped(elastic.manager.layout.region_pages(page)[0])
+        elastic.close()
+        assert not region.closed, "the scheduler does not close the region its worker still uses"
+    finally:
+        vllm_worker._regions.remove(region)
+        del kv_caches
+        region.close()
