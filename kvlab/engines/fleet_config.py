@@ -1,7 +1,8 @@
 """The fleet YAML (the multi-LLM controller's format): engines, their environments, router and sleep settings.
 
 Parsing is strict because a typo in a YAML key otherwise silently falls back to a default (an instance that
-"has" kvcached but does not). Every error names the key, where it is, and the fix.
+"has" kvcached but does not). Every error names the key, where it is, and the fix. The file itself is hostile
+input too: it must be UTF-8, its aliases may not expand past MAX_YAML_NODES, and numbers must be finite.
 
     kvcached:            {kvcached_log_level: INFO}      # env for all instances (KEY -> KVCACHED_KEY)
     router:              {enable_router: true, router_port: 8080, router_host: 127.0.0.1}
@@ -14,11 +15,13 @@ Parsing is strict because a typo in a YAML key otherwise silently falls back to 
 from __future__ import annotations
 
 import difflib
+import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from kvcached.env import KNOB_NAMES
 from kvcached.shm import FALSE_VALUES, TRUE_VALUES
 from kvlab.router.settings import DEFAULT_MAX_BODY_BYTES, SLEEP_LEVELS, RouterSettings, SleepSettings
 
@@ -31,6 +34,12 @@ SLEEP_KEYS = ("idle_threshold_seconds", "check_interval_seconds", "auto_sleep_en
               "min_sleep_duration", "sleep_level", "drain_timeout_seconds")
 INSTANCE_KEYS = ("name", "model", "engine", "port", "host", "using_venv", "venv_path", "kvcached_env",
                  "engine_env", "engine_args", "sleep_level")
+
+# A fleet file has tens of nodes; this bound lets anchors and aliases be used freely while a few hundred bytes
+# of nested aliases ("billion laughs") cannot expand into gigabytes when a value is read.
+MAX_YAML_NODES = 100_000
+# Far above any fleet file, far below memory trouble: `--config /dev/zero` must not read forever.
+MAX_FILE_BYTES = 1 << 20
 
 
 class FleetConfigError(ValueError):
@@ -124,8 +133,10 @@ def _bool(value: Any, path: str) -> bool:
 
 
 def _number(value: Any, path: str, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise FleetConfigError(f"{_where(path)} must be a number >= {minimum:g}, got {value!r}")
+    # NaN compares false with everything, so it would pass `value < minimum`; infinity would never time out.
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < minimum):
+        raise FleetConfigError(f"{_where(path)} must be a finite number >= {minimum:g}, got {value!r}")
     return float(value)
 
 
@@ -135,21 +146,58 @@ def _port(value: Any, path: str) -> int:
     return value
 
 
+def _host(value: Any, path: str) -> str:
+    """A host name or address; `localhost` (the whole name only) becomes 127.0.0.1, because "localhost" may
+    resolve to ::1 first and miss an IPv4 server."""
+    if not isinstance(value, str) or not value.strip() or len(value.split()) != 1:
+        raise FleetConfigError(f"{_where(path)} must be a host name or address such as 127.0.0.1, got {value!r}")
+    value = value.strip()
+    return "127.0.0.1" if value.lower().rstrip(".") == "localhost" else value
+
+
 def _env(value: Any, path: str) -> dict[str, str]:
     """A list of "KEY=VALUE" strings (the controller's form) or a mapping."""
     if value is None:
         return {}
     if isinstance(value, Mapping):
-        return {str(k): _env_value(v) for k, v in value.items()}
-    if not isinstance(value, list):
+        out = {str(k): _env_value(v) for k, v in value.items()}
+    elif isinstance(value, list):
+        out = {}
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
+                raise FleetConfigError(f"{_where(f'{path}[{i}]')} must look like \"KEY=VALUE\", got {item!r}")
+            key, val = item.split("=", 1)
+            out[key.strip()] = val
+    else:
         raise FleetConfigError(f"{_where(path)} must be a list of \"KEY=VALUE\" strings or a mapping")
-    out = {}
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
-            raise FleetConfigError(f"{_where(f'{path}[{i}]')} must look like \"KEY=VALUE\", got {item!r}")
-        key, val = item.split("=", 1)
-        out[key.strip()] = val
+    for key in out:
+        if _looks_like_kvcached(key) and key not in KNOB_NAMES:
+            raise FleetConfigError(f"unknown kvcached variable `{key}` in {_where(path)}: "
+                                   f"{_knob_hint(key, lower=False)}")
     return out
+
+
+def _looks_like_kvcached(name: str) -> bool:
+    """A name kvcached would read if it were spelt right; other variables of an engine's environment are free."""
+    upper = name.upper()
+    return ("KVCACHED" in upper
+            or bool(difflib.get_close_matches(upper, KNOB_NAMES, n=1, cutoff=0.85)))
+
+
+def _bare(name: str) -> str:
+    """A knob's name as the `kvcached:` section spells it in lower case: without the KVCACHED_ prefix."""
+    return name[len("KVCACHED_"):] if name.startswith("KVCACHED_") else name
+
+
+def _knob_hint(key: str, *, lower: bool) -> str:
+    """Did-you-mean for a kvcached variable, in the spelling the file used (`ipc_name` or KVCACHED_IPC_NAME)."""
+    bare_names = {_bare(name): name for name in KNOB_NAMES}
+    close = difflib.get_close_matches(_bare(key.upper()), bare_names, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean `{close[0].lower() if lower else bare_names[close[0]]}`?"
+    known = ", ".join(sorted(n.lower() if lower else bare_names[n] for n in bare_names))
+    return (f"kvcached reads only {known} (see kvcached/env.py); put other variables in an instance's "
+            "`engine_env`")
 
 
 def _env_value(value: Any) -> str:
@@ -208,13 +256,21 @@ def _sleep_level(value: Any, path: str) -> str | None:
 
 
 def _kvcached_env(section: Mapping[str, Any]) -> dict[str, str]:
-    """`kvcached_log_level: INFO` -> KVCACHED_LOG_LEVEL=INFO; upper-case keys (ENABLE_KVCACHED) pass as they are."""
+    """`kvcached_log_level: INFO` or `log_level: INFO` -> KVCACHED_LOG_LEVEL=INFO; upper-case keys
+    (ENABLE_KVCACHED) pass as they are. A name kvcached does not read is an error: it would otherwise become a
+    variable nobody reads while kvcached stays off."""
     out = {}
     for key, value in section.items():
         key = str(key)
-        env_key = key if key.isupper() else key.upper()
+        env_key = key.upper()
         if not env_key.startswith("KVCACHED_") and env_key != "ENABLE_KVCACHED":
             env_key = "KVCACHED_" + env_key
+        if env_key not in KNOB_NAMES:
+            raise FleetConfigError(f"unknown key `{key}` in {_where('kvcached')}: "
+                                   f"{_knob_hint(key, lower=not key.isupper())}")
+        if isinstance(value, (Mapping, list)):
+            raise FleetConfigError(f"{_where(f'kvcached.{key}')} must be one value, got a "
+                                   f"{'mapping' if isinstance(value, Mapping) else 'list'}")
         out[env_key] = _env_value(value)
     return out
 
@@ -247,9 +303,7 @@ def _parse_instance(raw: Any, i: int, source_dir: Path | None) -> EngineConfig:
         if port_arg is not None and int(port_arg) != port:
             raise FleetConfigError(f"{_where(path)}: `port: {port}` and `--port {port_arg}` in engine_args disagree; "
                                    "keep one of them")
-    host = str(data.get("host") or host_arg or "127.0.0.1")
-    if host == "localhost":
-        host = "127.0.0.1"  # one address family: "localhost" may resolve to ::1 first and miss an IPv4 server
+    host = _host(data.get("host") or host_arg or "127.0.0.1", path + ".host")
     venv = data.get("venv_path")
     if venv is not None:
         venv_path = Path(str(venv)).expanduser()
@@ -281,7 +335,7 @@ def parse_fleet_config(data: Any, *, source: Path | None = None, check_ports: bo
     router = RouterSettings(
         enable_router=_bool(router_raw.get("enable_router", True), "router.enable_router"),
         router_port=_port(router_raw.get("router_port", 8080), "router.router_port"),
-        router_host=str(router_raw.get("router_host", "127.0.0.1")).replace("localhost", "127.0.0.1"),
+        router_host=_host(router_raw.get("router_host", "127.0.0.1"), "router.router_host"),
         api_token=str(router_raw["api_token"]) if router_raw.get("api_token") else None,
         max_body_bytes=int(_number(router_raw.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
                                    "router.max_body_bytes", minimum=1)),
@@ -358,20 +412,97 @@ def _check_ports_free(instances: list[EngineConfig], router: RouterSettings) -> 
                                    f"(`ss -ltnp 'sport = :{port}'`) or choose another port")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise FleetConfigError(f"fleet file {path} not found: pass --config with an existing file "
+                               "(examples/fleet-tiny.yaml is a start)") from None
+    except IsADirectoryError:
+        raise FleetConfigError(f"{path} is a directory: pass --config the fleet YAML file inside it") from None
+    except OSError as e:
+        raise FleetConfigError(f"cannot read fleet file {path} ({e.strerror or e}): check its permissions, or "
+                               "pass --config a readable file") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise FleetConfigError(f"{path} is larger than {MAX_FILE_BYTES // 1024} KiB, which no fleet file is: "
+                               "pass --config the fleet YAML file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FleetConfigError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
+                               "save it as UTF-8") from None
+
+
+def _children(node: Any) -> list:
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expansion(root: Any) -> None:
+    """Refuse a node graph that expands past MAX_YAML_NODES (each alias use counts what it repeats in full), or
+    that holds itself. Iterative, with sizes memoised per node: the check costs the graph, not its expansion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the path from the root: an alias to one of them is a cycle
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            sizes[key] = min(MAX_YAML_NODES + 1, 1 + sum(sizes[id(c)] for c in _children(node)))
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise FleetConfigError(f"an alias refers to itself (line {node.start_mark.line + 1}): a fleet file "
+                                   "is a tree; write the value out")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    if sizes[id(root)] > MAX_YAML_NODES:
+        raise FleetConfigError(f"the document expands to more than {MAX_YAML_NODES:,} YAML nodes through nested "
+                               "aliases (`*name` repeats all its anchor holds): write the values out, or nest "
+                               "fewer aliases")
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, with the expansion of aliases checked on the node graph before any value is built."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_fleet_config(path: str | Path, *, check_ports: bool = True) -> FleetConfig:
     """Read and validate a fleet YAML file."""
     import yaml
 
     path = Path(path)
+    text = _read_text(path)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FleetConfigError(f"fleet file {path} not found: pass --config with an existing file "
-                               "(examples/fleet-tiny.yaml is a start)") from None
-    try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
+    except FleetConfigError as e:
+        raise FleetConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise FleetConfigError(f"{path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise FleetConfigError(f"{path} nests too deeply to be a fleet file: flatten it") from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as e:
+        # The safe constructor raises these for values such as `2020-13-45` or `!!int x`.
+        raise FleetConfigError(f"{path} holds a value YAML cannot build ({e}): fix or quote it") from None
     try:
         return parse_fleet_config(data, source=path.resolve(), check_ports=check_ports)
     except FleetConfigError as e:
