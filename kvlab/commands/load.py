@@ -57,6 +57,25 @@ def _print_summary(summary: dict) -> None:
           + (f", goodput {goodput:.2f}/s" if goodput is not None else ""))
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse numbers that would send nothing, never end or fail every request, before anything is sent or
+    written (the arrival flags are checked by ArrivalSpec)."""
+    import math
+
+    def check(flag: str, value: float | None, *, whole: bool = False) -> None:
+        if value is not None and not (math.isfinite(value) and value >= (1 if whole else 0) and value != 0):
+            kind = "a whole number >= 1" if whole else "a finite number > 0"
+            raise ValueError(f"{flag} must be {kind}, got {value:g}")
+
+    check("--duration", args.duration)
+    check("--timeout", args.timeout)
+    check("--concurrency", args.concurrency, whole=True)
+    check("--max-tokens", args.max_tokens, whole=True)
+    check("--prompt-tokens", args.prompt_tokens, whole=True)
+    for flag in ("--slo-ttft", "--slo-tpot", "--slo-e2e"):
+        check(flag, getattr(args, flag[2:].replace("-", "_")))
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
@@ -70,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.load.workload import Target, run_workload
 
     try:
+        _check_flags(args)
         spec = spec_from_args(args)
+        spec.trace_rows()  # read now, though the workload reads it again: a bad line must stop us before --out
         model = args.model or served_model(args.url)
         prompts = Path(args.prompts_file) if args.prompts_file else args.prompt_tokens
         target = Target(args.url, model, spec, prompts, max_tokens=args.max_tokens, stream=args.stream,

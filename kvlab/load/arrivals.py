@@ -13,10 +13,11 @@ import argparse
 import csv
 import json
 import math
+import numbers
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import IO, Iterator, Literal, Sequence
 
 ArrivalKind = Literal["constant", "poisson", "gamma", "bursts", "ramp", "trace"]
 KINDS: tuple[str, ...] = ("constant", "poisson", "gamma", "bursts", "ramp", "trace")
@@ -25,6 +26,18 @@ KINDS: tuple[str, ...] = ("constant", "poisson", "gamma", "bursts", "ramp", "tra
 def _positive(name: str, value: float) -> None:
     if not value > 0 or math.isinf(value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_number(what: str, value: object, *, minimum: float, strict: bool, whole: bool = False) -> None:
+    """Refuse what would send nothing (a negative count), never end (NaN, infinity) or fail mid-run.
+    `what` names the value and its flag, so the message points at the fix."""
+    above = f"> {minimum:g}" if strict else f">= {minimum:g}"
+    kind = "a whole number" if whole else "a finite number"
+    # numbers.Real and Integral, not float and int: numpy's scalars from a notebook are numbers too.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+        raise ValueError(f"{what} must be {kind} {above}, got {value!r}")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{what} must be {kind} {above}, got {value!r}")
 
 
 def constant(rate: float) -> Iterator[float]:
@@ -102,41 +115,82 @@ class TraceRow:
     output_tokens: int | None = None
 
 
-def _opt_int(value: object) -> int | None:
+def _trace_number(row: dict, key: str) -> float | None:
+    """A number of a trace row (CSV gives text, JSON numbers or text); ValueError says what is wrong."""
+    value = row.get(key)
     if value is None or value == "":
         return None
-    return int(float(value))  # type: ignore[arg-type]
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"`{key}` must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"`{key}` must be a finite number, got {value!r}")
+    return number
+
+
+def _trace_count(row: dict, key: str, minimum: int) -> int | None:
+    number = _trace_number(row, key)
+    if number is not None and number < minimum:
+        raise ValueError(f"`{key}` must be >= {minimum}, got {row[key]!r}")
+    return None if number is None else int(number)
+
+
+def _trace_row(row: object) -> TraceRow:
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object (got {type(row).__name__}); write one object per line, such as "
+                         '{"timestamp": 0.5, "prompt_tokens": 128}')
+    timestamp = _trace_number(row, "timestamp")
+    if timestamp is None:
+        raise ValueError("no `timestamp` (columns: timestamp, prompt_tokens or prompt, output_tokens)")
+    prompt = row.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"`prompt` must be text, got {prompt!r}")
+    return TraceRow(timestamp=timestamp, prompt=prompt or None,
+                    prompt_tokens=_trace_count(row, "prompt_tokens", 1),
+                    output_tokens=_trace_count(row, "output_tokens", 0))
+
+
+def _numbered_rows(path: Path, f: IO[str]) -> Iterator[tuple[int, object]]:
+    """(line number, raw row) of a JSONL or CSV trace; an unreadable line is a ValueError naming it."""
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                    raise ValueError(f"{path}:{lineno}: not a JSON object ({reason})") from None
+        return
+    reader = csv.DictReader(f)
+    try:
+        for row in reader:
+            yield reader.line_num, row  # the line the row ends on: a quoted field may span lines
+    except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: not a CSV row ({e})") from None
 
 
 def read_trace(path: str | Path) -> list[TraceRow]:
     """Rows of a CSV (with a header) or JSONL trace, sorted by timestamp.
 
     Columns/keys: `timestamp` (seconds; absolute or relative, only differences matter), `prompt_tokens` or
-    `prompt`, and `output_tokens`.
+    `prompt`, and `output_tokens`. A bad row is a ValueError that names the file and the line.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"trace file {path} does not exist")
-    raw: list[dict] = []
-    if path.suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        raw.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
-    else:
-        with path.open(newline="") as f:
-            raw = list(csv.DictReader(f))
     rows = []
-    for n, r in enumerate(raw, 1):
-        if "timestamp" not in r or r["timestamp"] in (None, ""):
-            raise ValueError(f"{path}: row {n} has no `timestamp` (columns: timestamp, prompt_tokens or "
-                             "prompt, output_tokens)")
-        rows.append(TraceRow(timestamp=float(r["timestamp"]), prompt=r.get("prompt") or None,
-                             prompt_tokens=_opt_int(r.get("prompt_tokens")),
-                             output_tokens=_opt_int(r.get("output_tokens"))))
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            for lineno, raw in _numbered_rows(path, f):
+                try:
+                    rows.append(_trace_row(raw))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{lineno}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}): save the trace as UTF-8") from None
     rows.sort(key=lambda row: row.timestamp)
     return rows
 
@@ -180,6 +234,23 @@ class ArrivalSpec:
             raise ValueError("arrival 'ramp' needs an end rate (--end-rate)")
         if self.kind == "trace" and not self.trace_path:
             raise ValueError("arrival 'trace' needs a file (--trace FILE)")
+        # Checked here, not when the generator first runs: a bad number must stop a run before it starts,
+        # and a negative burst count or a NaN rate would otherwise send nothing or never end, silently.
+        if self.rate is not None:
+            _check_number("rate (--rate)", self.rate, minimum=0.0, strict=self.kind != "ramp")
+        _check_number("burstiness (--burstiness)", self.burstiness, minimum=0.0, strict=True)
+        if self.burst_size is not None:
+            _check_number("burst size (--burst-size)", self.burst_size, minimum=1, strict=False, whole=True)
+        if self.burst_every is not None:
+            _check_number("seconds between bursts (--burst-every)", self.burst_every, minimum=0.0, strict=True)
+        if self.burst_count is not None:
+            _check_number("burst count (--burst-count)", self.burst_count, minimum=1, strict=False, whole=True)
+        if self.end_rate is not None:
+            _check_number("end rate (--end-rate)", self.end_rate, minimum=0.0, strict=False)
+        if self.ramp_duration is not None:
+            _check_number("ramp duration (--ramp-duration)", self.ramp_duration, minimum=0.0, strict=True)
+        if self.kind == "ramp" and self.rate == 0 and self.end_rate == 0:
+            raise ValueError("a ramp from rate 0 to end rate 0 sends nothing: give --rate or --end-rate above 0")
 
     def offsets(self, seed: int = 0, duration: float | None = None) -> Iterator[float]:
         """The offsets generator this spec describes. A ramp without its own duration spans `duration`."""

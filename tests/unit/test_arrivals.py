@@ -104,3 +104,67 @@ def test_spec_from_cli_flags():
     assert list(spec.offsets()) == [0.0] * 4
     ramp = ArrivalSpec(kind="ramp", rate=1.0, end_rate=3.0)
     assert len(take_until(ramp.offsets(duration=10.0), 10.0)) == pytest.approx(20, abs=1)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(kind="constant", rate=-1.0), ["rate", "--rate"]),
+    (dict(kind="poisson", rate=math.nan), ["rate"]),
+    (dict(kind="gamma", rate=math.inf), ["rate"]),
+    (dict(kind="gamma", rate=1.0, burstiness=0.0), ["burstiness", "--burstiness"]),
+    (dict(kind="gamma", rate=1.0, burstiness=math.nan), ["burstiness"]),
+    (dict(kind="bursts", burst_size=-2, burst_every=1.0), ["burst size", "--burst-size"]),
+    (dict(kind="bursts", burst_size=2, burst_every=-1.0), ["--burst-every"]),
+    (dict(kind="bursts", burst_size=2, burst_every=math.nan), ["--burst-every"]),
+    (dict(kind="bursts", burst_size=2, burst_every=1.0, burst_count=-1), ["burst count", "--burst-count"]),
+    (dict(kind="bursts", burst_size=2, burst_every=1.0, burst_count=0), ["--burst-count"]),
+    (dict(kind="bursts", burst_size=2.5, burst_every=1.0), ["--burst-size", "whole number"]),
+    (dict(kind="ramp", rate=1.0, end_rate=-3.0), ["--end-rate"]),
+    (dict(kind="ramp", rate=1.0, end_rate=math.inf), ["--end-rate"]),
+    (dict(kind="ramp", rate=1.0, end_rate=2.0, ramp_duration=-5.0), ["--ramp-duration"]),
+    (dict(kind="constant", rate="fast"), ["rate", "number"]),
+])
+def test_spec_refuses_numbers_that_would_run_nothing_or_forever(bad, words):
+    with pytest.raises(ValueError) as info:
+        ArrivalSpec(**bad)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_a_ramp_may_start_or_end_at_zero():
+    assert ArrivalSpec(kind="ramp", rate=0.0, end_rate=2.0).rate == 0.0
+    assert ArrivalSpec(kind="ramp", rate=2.0, end_rate=0.0).end_rate == 0.0
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("name, text, line, words", [
+    ("t.csv", "timestamp,prompt_tokens\n0,3\nsoon,4\n", 3, ["timestamp", "'soon'"]),
+    ("t.csv", "timestamp,prompt_tokens\n0,3\nnan,4\n", 3, ["finite"]),
+    ("t.csv", "timestamp,prompt_tokens\n0,3\n1,1e400\n", 3, ["prompt_tokens"]),
+    ("t.csv", "timestamp,prompt_tokens\n0,3\n1,-4\n", 3, ["prompt_tokens", ">= 1"]),
+    ("t.csv", "timestamp,output_tokens\n0,3\n\n2,many\n", 4, ["output_tokens", "'many'"]),
+    ("t.csv", "timestamp,prompt_tokens\n0,3\n,4\n", 3, ["no `timestamp`"]),
+    ("t.jsonl", '{"timestamp": 0}\n\n[1, 2]\n', 3, ["not a JSON object"]),
+    ("t.jsonl", '{"timestamp": 0}\n7\n', 2, ["not a JSON object"]),
+    ("t.jsonl", '{"timestamp": 0}\n{"timestamp": "later"}\n', 2, ["timestamp"]),
+    ("t.jsonl", '{"timestamp": 0}\n{"timestamp": Infinity}\n', 2, ["finite"]),
+    ("t.jsonl", '{"timestamp": 0}\n{"timestamp": 1, "prompt": 42}\n', 2, ["prompt", "text"]),
+    ("t.jsonl", '{"timestamp": 0}\n{"timestamp": 1, "output_tokens": -1}\n', 2, ["output_tokens", ">= 0"]),
+    ("t.jsonl", '{"timestamp": 0}\n{"timestamp": 1,\n', 2, ["not a JSON object"]),
+])
+def test_a_bad_trace_line_names_the_file_and_the_line(tmp_path, name, text, line, words):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        arrivals.read_trace(path)
+    message = str(info.value)
+    assert f"{path}:{line}:" in message, message
+    for word in words:
+        assert word in message, message
+
+
+@pytest.mark.faults
+def test_a_trace_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"timestamp,prompt\n0,caf\xe9\n")
+    with pytest.raises(ValueError, match=f"{path}.*not UTF-8"):
+        arrivals.read_trace(path)

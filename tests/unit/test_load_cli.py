@@ -74,3 +74,44 @@ def test_bench_load_kvlab_row(capsys):
     assert row["rate_ratio"] > 0.5 and row["error_p99_s"] >= 0
     assert row["pass"] == (row["rate_ratio"] >= 0.99 and row["error_p99_s"] <= 0.002)
     assert "vllm" not in result
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--arrival", "constant", "--rate", "5", "--duration", "-1"], "--duration"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "nan"], "--duration"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "inf"], "--duration"),
+    (["--arrival", "constant", "--rate", "5", "--duration=0"], "--duration"),
+    (["--arrival", "constant", "--rate=-5", "--duration", "1"], "--rate"),
+    (["--arrival", "constant", "--rate", "nan", "--duration", "1"], "--rate"),
+    (["--arrival", "bursts", "--burst-size", "2", "--burst-every", "1", "--burst-count", "-1"], "--burst-count"),
+    (["--arrival", "bursts", "--burst-size", "-2", "--burst-every", "1", "--burst-count", "1"], "--burst-size"),
+    (["--arrival", "bursts", "--burst-size", "2", "--burst-every", "-1", "--burst-count", "1"], "--burst-every"),
+    (["--arrival", "bursts", "--burst-size", "2", "--burst-every", "inf", "--burst-count", "1"], "--burst-every"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "1", "--concurrency", "0"], "--concurrency"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "1", "--concurrency", "-3"], "--concurrency"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "1", "--timeout", "-1"], "--timeout"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "1", "--timeout", "nan"], "--timeout"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "1", "--timeout", "inf"], "--timeout"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "1", "--max-tokens", "0"], "--max-tokens"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "1", "--prompt-tokens", "-1"], "--prompt-tokens"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "1", "--slo-ttft", "nan"], "--slo-ttft"),
+    (["--arrival", "constant", "--rate", "5", "--duration", "1", "--slo-e2e", "-1"], "--slo-e2e"),
+])
+def test_load_refuses_bad_numbers_before_sending_anything(fake_openai_server, tmp_path, capsys, flags, named):
+    out = tmp_path / "run"
+    rc = main(["load", "--url", fake_openai_server.url, "--model", "m", "--prompt-tokens", "3", *flags,
+               "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and "Traceback" not in err
+    assert not out.exists() and fake_openai_server.arrivals == []
+
+
+@pytest.mark.faults
+def test_load_names_the_bad_line_of_a_trace(fake_openai_server, tmp_path, capsys):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("timestamp,prompt_tokens\n0,3\n0.1,lots\n")
+    out = tmp_path / "run"
+    rc = main(["load", "--url", fake_openai_server.url, "--model", "m", "--arrival", "trace", "--trace", str(trace),
+               "--out", str(out), "--no-progress"])
+    assert rc == 2 and f"{trace}:3:" in capsys.readouterr().err
+    assert not out.exists() and fake_openai_server.arrivals == []
