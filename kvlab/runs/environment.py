@@ -1,5 +1,8 @@
 """The environment of a run (env.json): Python, platform, CPU and GPUs, library versions, the git commit and the
-serving variables in effect. vLLM's version comes from package metadata, never from importing vLLM."""
+serving variables in effect. vLLM's version comes from package metadata, never from importing vLLM.
+
+Variables are kept by an allow-list, never by prefix: results directories are shared and committed, and a prefix
+such as VLLM_ also matches VLLM_API_KEY."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -8,9 +11,27 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from kvcached.env import KNOB_NAMES
 from kvlab.probes.nvml import gpu_inventory
+
+# What changes memory or the code path of a served run: every variable kvcached reads, the devices, and the
+# vLLM knobs the lab's engines set.
+SERVING_VARIABLES: frozenset[str] = KNOB_NAMES | {
+    "CUDA_VISIBLE_DEVICES",
+    "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PLUGINS", "VLLM_USE_V1", "VLLM_ATTENTION_BACKEND",
+    "VLLM_TARGET_DEVICE", "VLLM_SERVER_DEV_MODE", "VLLM_ENABLE_V1_MULTIPROCESSING",
+}
+# Checked even on allowed names, so a future entry of the list can never carry a credential to disk.
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def serving_variables(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allowed serving variables of `environ` (default: this process's), sorted by name."""
+    environ = dict(os.environ if environ is None else environ)
+    return {name: environ[name] for name in sorted(environ)
+            if name in SERVING_VARIABLES and not any(word in name.upper() for word in SECRET_WORDS)}
 
 
 def _version(dist: str) -> str | None:
@@ -61,6 +82,5 @@ def environment() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "kvlab": kvlab.__version__,
         "git_commit": _git_commit(Path(__file__).resolve().parent),
-        "env": {k: v for k, v in os.environ.items()
-                if k.startswith(("KVCACHED_", "VLLM_", "CUDA_VISIBLE")) or k == "ENABLE_KVCACHED"},
+        "env": serving_variables(),
     }

@@ -137,3 +137,21 @@ def test_compare_and_summary_table(tmp_path: Path) -> None:
     assert table.loc["kvcached", "idle_mem_mb"] == 1000.0
     with pytest.raises(FileNotFoundError, match="run the experiment"):
         latest_run("nothing", root=tmp_path)
+
+
+def test_env_json_keeps_serving_variables_and_never_a_secret(tmp_path: Path, monkeypatch) -> None:
+    kept = {"ENABLE_KVCACHED": "true", "KVCACHED_IPC_NAME": "g", "CUDA_VISIBLE_DEVICES": "0",
+            "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_PLUGINS": "kvcached", "VLLM_USE_V1": "1",
+            "VLLM_ATTENTION_BACKEND": "TORCH_SDPA", "VLLM_TARGET_DEVICE": "cpu"}
+    secret = "sk-do-not-store-4f1c"
+    dropped = {"VLLM_API_KEY": secret, "HF_TOKEN": secret, "KVCACHED_ADMIN_TOKEN": secret,
+               "VLLM_S3_SECRET": secret, "CUDA_VISIBLE_PASSWORD": secret, "VLLM_SOMETHING_NEW": "x",
+               "KVCACHED_NOT_A_KNOB": "x", "HOME_TOKEN_FILE": secret}
+    for name, value in {**kept, **dropped}.items():
+        monkeypatch.setenv(name, value)
+    run = Run("exp", {}, root=tmp_path)
+    text = (run.dir / "env.json").read_text()
+    env = json.loads(text)["env"]
+    assert {k: env[k] for k in kept} == kept
+    assert not set(dropped) & set(env)
+    assert secret not in text
