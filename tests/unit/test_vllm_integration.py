@@ -296,3 +296,84 @@ def test_a_scheduler_in_the_worker_process_maps_through_the_workers_region(shm_d
         vllm_worker._regions.remove(region)
         del kv_caches
         region.close()
+
+
+def test_the_idle_sync_thread_never_changes_the_view_while_a_step_runs(monkeypatch):
+    """The worker's background sync (CUDA: unmaps pages the scheduler freed) and a model step exclude each other.
+    The region is a TEST DOUBLE that records whether a step was running when it was synced."""
+    import threading
+
+    state = {"in_step": False, "synced_during_step": 0, "syncs": 0}
+
+    class WatchedRegion:
+        path = None
+
+        def sync(self):
+            state["syncs"] += 1
+            if state["in_step"]:
+                state["synced_during_step"] += 1
+            return 0
+
+    def step(self):
+        state["in_step"] = True
+        time.sleep(0.05)  # a step long enough for the idle thread to try many times
+        state["in_step"] = False
+
+    monkeypatch.setattr(vllm_worker, "_regions", [WatchedRegion()])
+    execute = vllm_worker.syncing_execute_model(step)
+    stop = threading.Event()
+    thread = threading.Thread(target=vllm_worker.idle_sync_loop, args=(stop, 0.001), daemon=True)
+    thread.start()
+    try:
+        for _ in range(20):
+            execute(None)
+            state["in_step"] = False
+    finally:
+        stop.set()
+        thread.join(5)
+    assert state["syncs"] > 20, "the idle thread synced between steps"
+    assert state["synced_during_step"] == 0, "and never during one"
+
+
+def test_pages_a_lagging_worker_writes_back_are_swept_under_load(shm_dir, monkeypatch):
+    """A worker one step behind an unmap can write a freed page back into the pool file: memory nobody counts. The
+    scheduler sweeps such strays while requests hold blocks too, not only once the engine is idle."""
+    from vllm.v1.core import block_pool as block_pool_module
+
+    from kvcached.integration.vllm import block_pool as elastic_module
+
+    monkeypatch.setattr(elastic_module, "SWEEP_INTERVAL_S", 0.0)
+    monkeypatch.setattr(elastic_module, "RECLAIM_TICK_S", 3600.0)  # the test calls reclaim_once itself
+    vllm_patches._patch_block_pool(block_pool_module)
+    layout = KVLayout(num_blocks=64, block_bytes=16 * 1024, num_layers=2, page_size=64 * 1024)
+    os.makedirs(shm_dir, exist_ok=True)
+    path = os.path.join(shm_dir, "pool-sweep")
+    scheduler_region = _core.Region(layout.region_size, layout.page_size, backend="host", path=path)
+    worker_region = _core.Region(layout.region_size, layout.page_size, backend="host", path=path)
+    record = BudgetRecord.create(layout.num_logical_pages * layout.logical_page_bytes, name="sweep",
+                                 page_bytes=layout.logical_page_bytes)
+    manager = KVCacheManager(layout, scheduler_region, record, reserve_pages=0, reclaim_delay_s=0.0,
+                             background=False)
+    pool = block_pool_module.BlockPool(num_gpu_blocks=64, enable_caching=False, hash_block_size=16)
+    pool._kvcached = elastic = ElasticBlockPool(pool, manager, retention_s=60.0)  # busy throughout: never idle
+    try:
+        held = pool.get_new_blocks(1)  # a request holds a block: the engine is under load
+        stray_block = pool.get_new_blocks(5)[-1].block_id
+        page = layout.pages_of_block(stray_block)[0]
+        worker_region.sync()  # the worker maps the page...
+        view = torch.from_dlpack(worker_region)
+        pool.free_blocks(pool.blocks[b] for b in range(stray_block - 4, stray_block + 1))
+        manager.allocator.reclaim()  # ...the scheduler unmaps it (punch hole)...
+        assert not scheduler_region.is_mapped(layout.region_pages(page)[0])
+        offset = layout.region_pages(page)[0] * layout.page_size
+        view[offset:offset + 4096].fill_(7)  # ...and the worker, a step behind, writes it back
+        assert layout.region_pages(page)[0] in scheduler_region.resident_pages(), "a stray page holds memory"
+        elastic.reclaim_once()
+        assert held[0].ref_cnt == 1, "still under load"
+        assert layout.region_pages(page)[0] not in scheduler_region.resident_pages(), "swept under load"
+        del view
+    finally:
+        elastic.close()
+        record.close()
+        worker_region.close()
+        scheduler_region.close()

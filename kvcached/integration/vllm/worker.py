@@ -157,23 +157,24 @@ def syncing_execute_model(original):
 _idle_sync_started = False
 
 
+def idle_sync_loop(stop: threading.Event, interval_s: float = IDLE_SYNC_INTERVAL_S) -> None:
+    """Apply the scheduler's unmaps while the engine is idle, so pages freed after a burst go back to the driver
+    without waiting for the next request; only between steps (a step holds `_step_lock`, and syncs first itself)."""
+    while not stop.wait(interval_s):
+        try:
+            if _step_lock.acquire(timeout=interval_s):
+                try:
+                    sync_regions()
+                finally:
+                    _step_lock.release()
+        except Exception:  # a failing sync must not kill the engine; the next step syncs again
+            logger.exception("kvcached: background sync failed")
+
+
 def _start_idle_sync() -> None:
     global _idle_sync_started
     if _idle_sync_started:
         return
     _idle_sync_started = True
-
-    def loop() -> None:
-        stop = threading.Event()
-        while not stop.wait(IDLE_SYNC_INTERVAL_S):
-            try:
-                # Only between steps: a step in progress holds the lock, and its own sync came first.
-                if _step_lock.acquire(timeout=IDLE_SYNC_INTERVAL_S):
-                    try:
-                        sync_regions()
-                    finally:
-                        _step_lock.release()
-            except Exception:  # a failing sync must not kill the engine; the next step syncs again
-                logger.exception("kvcached: background sync failed")
-
-    threading.Thread(target=loop, name="kvcached-idle-sync", daemon=True).start()
+    threading.Thread(target=idle_sync_loop, args=(threading.Event(),), name="kvcached-idle-sync",
+                     daemon=True).start()
