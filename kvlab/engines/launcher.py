@@ -1,6 +1,6 @@
 """Run a command so that it cannot outlive the process that launched it.
 
-    python -m kvlab.engines.launcher [--grace SECONDS] -- CMD [ARGS...]
+    python -m kvlab.engines.launcher [--grace SECONDS] [--parent-pid PID] -- CMD [ARGS...]
 
 Why a separate process: a Jupyter kernel killed with SIGKILL runs no cleanup, and vLLM's own children
 (EngineCore, workers) would live on holding gigabytes. The launcher stays small and outside the command's
@@ -10,6 +10,9 @@ process group, so it can kill that whole group:
 - the launcher asks the kernel for a death signal (PR_SET_PDEATHSIG) when its parent dies, and also polls
   its parent id, because the death signal fires when the parent *thread* exits, and is lost on a race
   at start-up;
+- the parent passes its pid (`--parent-pid`): a parent that dies while the launcher is still starting has
+  already handed it to a reaper, so os.getppid() at start would take the reaper for the parent and never
+  notice. Given a parent that is not (or no longer) its parent, the launcher starts nothing;
 - on SIGTERM/SIGINT (a normal stop), or when its parent is gone, it sends SIGTERM to the group, waits
   `--grace` seconds, then SIGKILLs the group and any descendant that left it;
 - when the command exits on its own, it kills what the command left behind and exits with its code.
@@ -98,8 +101,14 @@ def _child_preexec() -> None:
     set_parent_death_signal(signal.SIGTERM)
 
 
-def run(cmd: list[str], grace: float = DEFAULT_GRACE_S) -> int:
-    original_parent = os.getppid()
+def run(cmd: list[str], grace: float = DEFAULT_GRACE_S, parent_pid: int | None = None) -> int:
+    """Run `cmd` until it exits, the launcher is asked to stop, or `parent_pid` (default: the parent at start)
+    is no longer the launcher's parent."""
+    original_parent = os.getppid() if parent_pid is None else parent_pid
+    if os.getppid() != original_parent:
+        _say(f"parent {original_parent} is gone (this process now belongs to {os.getppid()}): not starting "
+             f"{cmd[0]!r}")
+        return 1
     stop_reason: list[str] = []
 
     def on_stop(signum: int, _frame) -> None:
@@ -162,12 +171,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
                         help="seconds between SIGTERM and SIGKILL of the command's process group")
+    parser.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                        help="the launching process: when it is gone (even before the launcher runs), stop "
+                             "(default: the parent at start)")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("no command given: python -m kvlab.engines.launcher -- CMD [ARGS...]")
-    return run(cmd, args.grace)
+    if args.parent_pid is not None and args.parent_pid <= 1:
+        parser.error(f"--parent-pid must be the launching process's pid, got {args.parent_pid}")
+    return run(cmd, args.grace, args.parent_pid)
 
 
 if __name__ == "__main__":

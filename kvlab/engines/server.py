@@ -229,7 +229,7 @@ class VLLMServer:
         self.log_path = log_dir / f"{self.name}.log"
         set_aside_log(self.log_path)
         env = self.environment()
-        cmd = [sys.executable, "-m", "kvlab.engines.launcher", "--"] + self.command()
+        cmd = [sys.executable, "-m", "kvlab.engines.launcher", "--parent-pid", str(os.getpid()), "--"] + self.command()
         with open(self.log_path, "wb") as log:
             log.write(f"# kvlab: {shlex.join(self.command())}\n".encode())
             log.flush()

@@ -9,7 +9,10 @@ import textwrap
 import time
 
 import psutil
+import pytest
 from process_watch import live, wait_gone
+
+from kvlab.engines.server import VLLMServer
 
 # A stand-in for vLLM: a process with two children, one of which has a child of its own (4 in all).
 TREE = [sys.executable, "-c", "import subprocess, time, sys; "
@@ -101,3 +104,64 @@ def test_the_tree_survives_the_exit_of_the_launching_thread(tmp_path):
         assert wait_gone(tree, 10) == []
     finally:
         parent.kill()
+
+
+@pytest.mark.faults
+def test_a_parent_gone_before_the_launcher_starts_means_nothing_starts(tmp_path):
+    # The launcher's real parent (this test) is alive, but it was told of another: to the launcher that is the
+    # same as having been reparented to a reaper before it ran, which os.getppid() at start cannot tell.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    marker = tmp_path / "started"
+    cmd = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close(); import time; time.sleep(300)"]
+    out = subprocess.run([sys.executable, "-m", "kvlab.engines.launcher", "--parent-pid", str(gone.pid), "--", *cmd],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and f"parent {gone.pid} is gone" in out.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.faults
+def test_a_parent_that_exits_while_the_launcher_starts_leaves_nothing(tmp_path):
+    pid_file, log = tmp_path / "cmd.pid", tmp_path / "launcher.log"
+    parent_script = tmp_path / "parent.py"
+    parent_script.write_text(textwrap.dedent(f"""
+        import os, subprocess, sys
+        cmd = [sys.executable, "-c", "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+               "time.sleep(300)"]
+        with open({str(log)!r}, "w") as log:
+            launcher = subprocess.Popen([sys.executable, "-m", "kvlab.engines.launcher", "--grace", "2",
+                                         "--parent-pid", str(os.getpid()), "--", *cmd],
+                                        start_new_session=True, stderr=log)
+        print(launcher.pid, flush=True)
+        os._exit(0)  # at once: the launcher is still importing Python
+    """))
+    parent = subprocess.Popen([sys.executable, str(parent_script)], stdout=subprocess.PIPE, text=True)
+    launcher_pid = int(parent.stdout.readline())
+    parent.wait()
+    try:
+        assert wait_gone([launcher_pid], 15) == [], "the launcher outlived its parent"
+    finally:
+        started = [int(pid_file.read_text())] if pid_file.exists() and pid_file.read_text() else []
+        left = wait_gone(started, 10)
+        for pid in live([launcher_pid, *left]):  # a failed test must not leave the command running
+            os.kill(pid, signal.SIGKILL)
+    assert left == []
+    report = log.read_text()
+    assert "is gone" in report or "parent died" in report, report
+
+
+class SleeperServerDouble(VLLMServer):
+    """A test double of a vLLM server: one sleeping process under the real launcher."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(300)"]
+
+
+def test_a_server_tells_its_launcher_who_its_parent_is(tmp_path):
+    server = SleeperServerDouble("double", log_dir=tmp_path, progress=False).start(wait=False)
+    try:
+        cmdline = psutil.Process(server.launcher_pid).cmdline()
+        assert cmdline[cmdline.index("--parent-pid") + 1] == str(os.getpid())
+        assert cmdline.index("--parent-pid") < cmdline.index("--")
+    finally:
+        server.stop(timeout=5)
