@@ -5,14 +5,24 @@ the router in front of it, never a model.
 
 It stamps each request's arrival with time.monotonic() (system-wide on Linux, so comparable with a client's stamps
 in another process) and streams `max_tokens` chunks `t0 t1 ...`, with a usage chunk when the request asks for it
-(`stream_options.include_usage`), as vLLM does. Two extra body fields help tests: `noop_chunk_delay` (seconds
-between chunks, to hold a stream open and watch it being cancelled) and `noop_linger_after_done` (keep the body
-open after `data: [DONE]`, as a slow engine can). With --kv-instance it also answers GET /kvcached/stats like a
-kvcached engine would (the router's `kv` sleep level reads it).
+(`stream_options.include_usage`), as vLLM does. Extra body fields help tests play an engine that misbehaves:
+
+  noop_chunk_delay        seconds between chunks (hold a stream open, watch it being cancelled)
+  noop_linger_after_done  keep the body open this long after `data: [DONE]`, as a slow engine can
+  noop_die_after          drop the connection after this many chunks, the body left unfinished (a crashed engine)
+  noop_stall_after        send nothing more after this many chunks until the client goes away (a hung engine;
+                          0 stalls before the headers)
+  noop_skip_done          end the stream cleanly but without `data: [DONE]`
+  noop_encoding           answer in this content coding: `gzip` or `deflate` (a stream chunk by chunk), or any
+                          other name to label the body with a coding nobody can decode (it stays plain)
+
+With --kv-instance it also answers GET /kvcached/stats like a kvcached engine would (the router's `kv` sleep level
+reads it).
 
   GET  /arrivals     JSON list of [monotonic_s, X-Request-Id or null], in arrival order
   POST /reset        forget the arrivals
-  GET  /noop/stats   requests, finished streams, streams cut off by the client, streams active
+  GET  /noop/stats   requests, finished streams, streams cut off by the client, streams that died on purpose,
+                     streams active and the most ever active at once
   GET  /v1/models    the one model
 """
 from __future__ import annotations
@@ -23,6 +33,7 @@ import json
 import subprocess
 import sys
 import time
+import zlib
 from typing import Any
 
 from aiohttp import web
@@ -37,7 +48,9 @@ class NoopServer:
         self.model = model
         self.kv_instance = kv_instance
         self.arrivals: list[tuple[float, str | None]] = []
-        self.stats = {"requests": 0, "streams_finished": 0, "streams_cancelled": 0, "active": 0}
+        self.stats = {"requests": 0, "streams_finished": 0, "streams_cancelled": 0, "streams_died": 0, "active": 0,
+                      "active_peak": 0}
+        self.last_headers: dict[str, str] = {}  # what the last request carried, to see what a proxy forwards
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -90,27 +103,57 @@ class NoopServer:
     async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
         # Stamp before reading the body: the arrival is when the request reached the server.
         self.arrivals.append((time.monotonic(), request.headers.get("X-Request-Id")))
+        self.last_headers = dict(request.headers)
         body = await request.json()
         self.stats["requests"] += 1
         n = max(1, int(body.get("max_tokens") or 1))
         usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+        coding = body.get("noop_encoding")
         if not body.get("stream"):
             out = self._chunk(body, " ".join(f"t{i}" for i in range(n)), chat, True)
             out["usage"] = usage
+            if coding:
+                encoder = _encoder(coding)
+                payload = json.dumps(out).encode()
+                if encoder is not None:
+                    payload = encoder.compress(payload) + encoder.flush()
+                return web.Response(body=payload, content_type="application/json",
+                                    headers={"Content-Encoding": coding})
             return web.json_response(out)
         delay = float(body.get("noop_chunk_delay") or 0.0)
+        die_after = body.get("noop_die_after")
+        stall_after = body.get("noop_stall_after")
         chunks = [b"data: " + json.dumps(self._chunk(body, f"t{i}", chat, i == n - 1)).encode() + b"\n\n"
                   for i in range(n)]
         if (body.get("stream_options") or {}).get("include_usage"):
             chunks.append(b"data: " + json.dumps({"id": "noop-1", "model": body.get("model", self.model),
                                                    "choices": [], "usage": usage}).encode() + b"\n\n")
-        chunks.append(b"data: [DONE]\n\n")
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
+        if not body.get("noop_skip_done"):
+            chunks.append(b"data: [DONE]\n\n")
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        if coding:
+            headers["Content-Encoding"] = coding
+            encoder = _encoder(coding)
+            if encoder is not None:
+                # A sync flush after each chunk keeps every chunk decodable on arrival, as a compressing proxy does.
+                chunks = [encoder.compress(c) + encoder.flush(zlib.Z_SYNC_FLUSH) for c in chunks]
+                chunks[-1] += encoder.flush()
+        response = web.StreamResponse(headers=headers)
         self.stats["active"] += 1
+        self.stats["active_peak"] = max(self.stats["active_peak"], self.stats["active"])
         try:
-            if delay:
-                for chunk in chunks:
+            if stall_after == 0:  # before the headers, as an engine stuck in a long prefill
+                await asyncio.Event().wait()
+            await response.prepare(request)
+            if delay or die_after is not None or stall_after is not None:
+                for i, chunk in enumerate(chunks):
+                    if i == die_after:
+                        if request.transport is not None:  # no final chunk: the body is cut off, as when an engine dies
+                            request.transport.abort()
+                        self.stats["streams_died"] += 1
+                        return response
+                    if i == stall_after:
+                        await asyncio.Event().wait()  # until the client hangs up (handler cancellation)
                     await asyncio.sleep(delay)
                     await response.write(chunk)
             else:  # one write: at 1000 req/s the server must not be the bottleneck of what it measures
@@ -124,6 +167,15 @@ class NoopServer:
         finally:
             self.stats["active"] -= 1
         return response
+
+
+def _encoder(coding: str) -> Any:
+    """A compressor for an HTTP content coding; None for a coding this server only labels its body with."""
+    if coding == "gzip":
+        return zlib.compressobj(wbits=31)  # 31: the gzip container
+    if coding == "deflate":
+        return zlib.compressobj(wbits=15)  # HTTP's deflate is the zlib container
+    return None
 
 
 async def start_noop_server(host: str, port: int, model: str = DEFAULT_MODEL,

@@ -29,7 +29,8 @@ ENGINES = ("vllm", "sglang")
 
 TOP_KEYS = ("kvcached", "router", "sleep_manager", "instances", "launch_delay_seconds")
 ROUTER_KEYS = ("enable_router", "router_port", "router_host", "api_token", "max_body_bytes",
-               "traffic_window_seconds", "request_timeout_seconds")
+               "traffic_window_seconds", "request_timeout_seconds", "connect_timeout_seconds", "read_timeout_seconds",
+               "max_concurrent_per_backend")
 SLEEP_KEYS = ("idle_threshold_seconds", "check_interval_seconds", "auto_sleep_enabled", "wakeup_on_request",
               "min_sleep_duration", "sleep_level", "drain_timeout_seconds")
 INSTANCE_KEYS = ("name", "model", "engine", "port", "host", "using_venv", "venv_path", "kvcached_env",
@@ -343,7 +344,18 @@ def parse_fleet_config(data: Any, *, source: Path | None = None, check_ports: bo
                                        "router.traffic_window_seconds", minimum=0.001),
         request_timeout_seconds=(None if router_raw.get("request_timeout_seconds") is None else
                                  _number(router_raw["request_timeout_seconds"], "router.request_timeout_seconds",
-                                         minimum=0.001)))
+                                         minimum=0.001)),
+        connect_timeout_seconds=_number(router_raw.get("connect_timeout_seconds",
+                                                       RouterSettings.connect_timeout_seconds),
+                                        "router.connect_timeout_seconds", minimum=0.001),
+        # An explicit null: no limit between two chunks of an answer.
+        read_timeout_seconds=(None if router_raw.get("read_timeout_seconds", RouterSettings.read_timeout_seconds)
+                              is None else
+                              _number(router_raw.get("read_timeout_seconds", RouterSettings.read_timeout_seconds),
+                                      "router.read_timeout_seconds", minimum=0.001)),
+        max_concurrent_per_backend=int(_number(router_raw.get("max_concurrent_per_backend",
+                                                              RouterSettings.max_concurrent_per_backend),
+                                               "router.max_concurrent_per_backend", minimum=1)))
 
     sleep_raw = _mapping(top.get("sleep_manager"), "sleep_manager")
     _check_keys(sleep_raw, SLEEP_KEYS, "sleep_manager")

@@ -55,7 +55,9 @@ class Fleet:
 @asynccontextmanager
 async def running_router(models: tuple[str, ...] = ("noop-a", SLASH_MODEL), *, settings: RouterSettings | None = None,
                          sleep_settings: SleepSettings | None = None, wake_delay: float = 0.0,
-                         down: tuple[str, ...] = ()) -> AsyncIterator[Fleet]:
+                         down: tuple[str, ...] = (), bind: str = "127.0.0.1") -> AsyncIterator[Fleet]:
+    """Routers over no-op backends, served on 127.0.0.1; `bind` is the address the router believes it is bound to
+    (its security rules follow it), so a non-local bind can be tested without exposing a port."""
     runners, noops, backends, levels = [], {}, [], {}
     for model in models:
         port = free_port()
@@ -69,7 +71,7 @@ async def running_router(models: tuple[str, ...] = ("noop-a", SLASH_MODEL), *, s
     router.sleep._measure = fake_measure
     port = free_port()
     stop = asyncio.Event()
-    task = asyncio.create_task(serve_app(router.build_app(), "127.0.0.1", port, stop))
+    task = asyncio.create_task(serve_app(router.build_app(bind), "127.0.0.1", port, stop))
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as s:
         for _ in range(100):
