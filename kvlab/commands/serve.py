@@ -1,7 +1,7 @@
 """`kvlab serve --config FILE`: start every engine of a fleet file, then the router, in one supervised process.
 
-Ctrl-C or SIGTERM stops the router and every engine. `kvlab serve status [--router URL]` prints the fleet's
-state from the router's endpoints.
+Ctrl-C or SIGTERM stops the router and every engine; another one while they stop is reported and waits for
+them. `kvlab serve status [--router URL]` prints the fleet's state from the router's endpoints.
 """
 from __future__ import annotations
 
@@ -12,10 +12,35 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Protocol
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class _Shutdown(Exception):
-    """SIGTERM while the engines start: unwind through the same cleanup as Ctrl-C."""
+    """The first SIGTERM or Ctrl-C: unwind whatever runs (an engine's start-up, a wait) to the engines' stop."""
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT while `kvlab serve` runs. The first one is raised, because only an exception interrupts
+    an engine's start-up; every later one, and any once the engines are stopping, is only reported: raised, it
+    would cut the stop short and leave engines behind (a service manager or an impatient user sends a second)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.stopping = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.raised and not self.stopping:
+            self.raised = True
+            raise _Shutdown()
+        # os.write, not print: a handler may run in the middle of a print to the same stream.
+        os.write(2, f"kvlab serve: {signal.Signals(signum).name} while already stopping the engines: waiting "
+                    "for them (the engines die with this process anyway)\n".encode())
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,11 +91,7 @@ def serve(args: argparse.Namespace) -> int:
     if router:
         router.check_bind(host)  # before minutes of engine start-up, not after
 
-    def on_term(signum: int, frame: object) -> None:
-        raise _Shutdown()
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
+    def work() -> int:
         try:
             fleet.check()
             print(f"kvlab serve: starting {len(fleet.engines)} engine(s), logs in {log_dir}", flush=True)
@@ -92,22 +113,38 @@ def serve(args: argparse.Namespace) -> int:
             print(f"kvlab serve: router on http://{host}:{port}", flush=True)
             run_router(router, host, port)
         else:
-            _wait_for_signal()
+            wait_for_signal()
+        return 0
+
+    return supervise(fleet, work)
+
+
+def supervise(fleet: Stoppable, work: Callable[[], int]) -> int:
+    """Run `work` (start the engines, then serve) until it returns or SIGTERM or Ctrl-C arrives, then stop every
+    engine, whatever signals come meanwhile. Returns work's exit status, 0 after a signal. Must run on the main
+    thread (signal handlers are installed there)."""
+    handler = _StopSignals()
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        return work()
     except (_Shutdown, KeyboardInterrupt):
-        pass
+        return 0
     finally:
-        signal.signal(signal.SIGTERM, on_term)  # a second SIGTERM must not cut the engines' shutdown short
-        print("kvlab serve: stopping the engines", flush=True)
-        fleet.stop()
-        signal.signal(signal.SIGTERM, previous)
-    return 0
+        handler.stopping = True
+        # Installed again: the router's event loop leaves the default handlers behind when it returns.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
+        try:
+            print("kvlab serve: stopping the engines", flush=True)
+            fleet.stop()
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
-def _wait_for_signal() -> None:
-    received: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: received.append(signum))
-    while not received:
+def wait_for_signal() -> None:
+    """Sleep until a stop signal: supervise's handler raises the first one out of signal.pause()."""
+    while True:
         signal.pause()
 
 
@@ -120,9 +157,13 @@ def _get(url: str) -> object:
 def status(args: argparse.Namespace) -> int:
     url = args.router
     if url is None and args.config:
-        from kvlab.engines.fleet_config import load_fleet_config
+        from kvlab.engines.fleet_config import FleetConfigError, load_fleet_config
 
-        config = load_fleet_config(args.config, check_ports=False)
+        try:
+            config = load_fleet_config(args.config, check_ports=False)
+        except FleetConfigError as e:
+            print(f"kvlab serve status: {e}", file=sys.stderr)
+            return 2
         url = f"http://{config.router.router_host}:{config.router.router_port}"
     url = (url or "http://127.0.0.1:8080").rstrip("/")
     try:

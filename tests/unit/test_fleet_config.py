@@ -265,3 +265,9 @@ def test_localhost_is_replaced_only_as_a_whole_name(given, expected):
 def test_a_host_that_is_not_a_name_is_refused(host):
     with pytest.raises(FleetConfigError, match="router.router_host"):
         parse({"router": {"router_host": host}, "instances": ONE})
+
+
+@pytest.mark.faults
+def test_serve_status_given_a_directory_exits_2(tmp_path, capsys):
+    assert main(["serve", "status", "--config", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
