@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import urllib.error
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -148,14 +149,17 @@ def wait_for_signal() -> None:
         signal.pause()
 
 
-def _get(url: str) -> object:
+def _get(url: str, token: str | None) -> object:
     from kvlab.load.client import get_json
 
-    return get_json(url, timeout=10)
+    return get_json(url, timeout=10, token=token)
 
 
 def status(args: argparse.Namespace) -> int:
+    from kvlab.router.app import TOKEN_ENV
+
     url = args.router
+    token = os.environ.get(TOKEN_ENV) or None
     if url is None and args.config:
         from kvlab.engines.fleet_config import FleetConfigError, load_fleet_config
 
@@ -165,10 +169,18 @@ def status(args: argparse.Namespace) -> int:
             print(f"kvlab serve status: {e}", file=sys.stderr)
             return 2
         url = f"http://{config.router.router_host}:{config.router.router_port}"
+        token = config.router.api_token or token
     url = (url or "http://127.0.0.1:8080").rstrip("/")
     try:
-        state = {"router": url, "health": _get(url + "/health/all"), "sleep": _get(url + "/sleep/status"),
-                 "traffic": _get(url + "/traffic/stats")}
+        state = {"router": url, "health": _get(url + "/health/all", token),
+                 "sleep": _get(url + "/sleep/status", token), "traffic": _get(url + "/traffic/stats", token)}
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            print(f"kvlab serve status: the router at {url} refused us ({e.code}): give its token with "
+                  f"{TOKEN_ENV} or router.api_token in --config FILE", file=sys.stderr)
+            return 2
+        print(f"kvlab serve status: the router at {url} answered {e.code}: {e.reason}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"kvlab serve status: no router answers at {url} ({e}): is `kvlab serve` running? "
               "pass --router URL or --config FILE", file=sys.stderr)

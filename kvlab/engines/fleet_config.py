@@ -141,6 +141,13 @@ def _number(value: Any, path: str, *, minimum: float = 0.0) -> float:
     return float(value)
 
 
+def _count(value: Any, path: str, *, minimum: int = 1) -> int:
+    """A whole number (2.5 requests or bytes is a typo, not something to round)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise FleetConfigError(f"{_where(path)} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
 def _port(value: Any, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise FleetConfigError(f"{_where(path)} must be a TCP port (1-65535), got {value!r}")
@@ -338,8 +345,7 @@ def parse_fleet_config(data: Any, *, source: Path | None = None, check_ports: bo
         router_port=_port(router_raw.get("router_port", 8080), "router.router_port"),
         router_host=_host(router_raw.get("router_host", "127.0.0.1"), "router.router_host"),
         api_token=str(router_raw["api_token"]) if router_raw.get("api_token") else None,
-        max_body_bytes=int(_number(router_raw.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-                                   "router.max_body_bytes", minimum=1)),
+        max_body_bytes=_count(router_raw.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), "router.max_body_bytes"),
         traffic_window_seconds=_number(router_raw.get("traffic_window_seconds", 60.0),
                                        "router.traffic_window_seconds", minimum=0.001),
         request_timeout_seconds=(None if router_raw.get("request_timeout_seconds") is None else
@@ -353,9 +359,9 @@ def parse_fleet_config(data: Any, *, source: Path | None = None, check_ports: bo
                               is None else
                               _number(router_raw.get("read_timeout_seconds", RouterSettings.read_timeout_seconds),
                                       "router.read_timeout_seconds", minimum=0.001)),
-        max_concurrent_per_backend=int(_number(router_raw.get("max_concurrent_per_backend",
-                                                              RouterSettings.max_concurrent_per_backend),
-                                               "router.max_concurrent_per_backend", minimum=1)))
+        max_concurrent_per_backend=_count(router_raw.get("max_concurrent_per_backend",
+                                                         RouterSettings.max_concurrent_per_backend),
+                                          "router.max_concurrent_per_backend"))
 
     sleep_raw = _mapping(top.get("sleep_manager"), "sleep_manager")
     _check_keys(sleep_raw, SLEEP_KEYS, "sleep_manager")

@@ -43,8 +43,10 @@ class HTTPStatusError(RuntimeError):
         self.body = body
 
 
-def get_json(url: str, timeout: float = 10.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def get_json(url: str, timeout: float = 10.0, token: str | None = None) -> Any:
+    """GET a JSON document; `token` goes as `Authorization: Bearer` (a router on a non-local address needs it)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
         return json.load(resp)
 
 

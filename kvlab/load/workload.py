@@ -246,6 +246,7 @@ async def arun_workload(targets: Sequence[Target], duration_s: float | None, *, 
                         progress: bool = True, request_timeout_s: float = 600.0, start_at: float | None = None,
                         lead_s: float = 0.1) -> RecordList:
     """Async form of `run_workload` (for code already inside an event loop)."""
+    check_workload_args(duration_s, concurrency, request_timeout_s)
     plan = await asyncio.get_running_loop().run_in_executor(
         None, lambda: plan_workload(targets, duration_s, seed=seed))
     return await _drive(targets, plan, duration_s, concurrency=concurrency, on_record=on_record,
@@ -316,6 +317,20 @@ def _run_loop(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
+def check_workload_args(duration_s: float | None, concurrency: int | None, request_timeout_s: float) -> None:
+    """ValueError naming the argument for a duration, cap or timeout that would make a run loop forever, send
+    nothing, or wait without end."""
+    if duration_s is not None and (isinstance(duration_s, bool) or not isinstance(duration_s, (int, float))
+                                   or not math.isfinite(duration_s) or duration_s <= 0):
+        raise ValueError(f"duration_s must be a number of seconds > 0 (or None), got {duration_s!r}")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 1):
+        raise ValueError(f"concurrency must be a whole number >= 1 (or None for no cap), got {concurrency!r}")
+    if (isinstance(request_timeout_s, bool) or not isinstance(request_timeout_s, (int, float))
+            or not math.isfinite(request_timeout_s) or request_timeout_s <= 0):
+        raise ValueError(f"request_timeout_s must be a number of seconds > 0, got {request_timeout_s!r}")
+
+
 def run_workload(targets: Target | Sequence[Target], duration_s: float | None, *, seed: int = 0,
                  concurrency: int | None = None, on_record: Callable[[RequestRecord], None] | None = None,
                  progress: bool = True, request_timeout_s: float = 600.0, start_at: float | None = None,
@@ -328,6 +343,7 @@ def run_workload(targets: Target | Sequence[Target], duration_s: float | None, *
     plus `lead_s`, once prompts are ready). Works inside a running event loop (Jupyter) by driving the
     workload on a private thread.
     """
+    check_workload_args(duration_s, concurrency, request_timeout_s)
     if isinstance(targets, Target):
         targets = [targets]
     if not targets:

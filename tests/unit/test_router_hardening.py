@@ -504,3 +504,27 @@ def test_authorization_and_cookie_are_not_forwarded_to_engines():
             assert "authorization" not in seen and "cookie" not in seen
             assert seen["x-request-id"] == "r-1"
     run(scenario())
+
+
+def test_serve_status_sends_the_token_a_non_local_router_needs(monkeypatch, capsys):
+    from kvlab.cli import main
+
+    async def scenario():
+        settings = RouterSettings(api_token="sesame")
+        async with running_router(("noop-a",), settings=settings, bind="0.0.0.0") as f:
+            monkeypatch.delenv("KVLAB_ROUTER_TOKEN", raising=False)
+            refused = await asyncio.to_thread(main, ["serve", "status", "--router", f.url, "--json"])
+            monkeypatch.setenv("KVLAB_ROUTER_TOKEN", "sesame")
+            allowed = await asyncio.to_thread(main, ["serve", "status", "--router", f.url, "--json"])
+            return refused, allowed
+    refused, allowed = asyncio.run(asyncio.wait_for(scenario(), GUARD_S))
+    out = capsys.readouterr()
+    assert refused == 2 and "KVLAB_ROUTER_TOKEN" in out.err, "a refusal names the token, not 'no router answers'"
+    assert allowed == 0 and '"noop-a"' in out.out
+
+
+def test_counts_in_the_router_section_must_be_whole_numbers():
+    for key in ("max_concurrent_per_backend", "max_body_bytes"):
+        with pytest.raises(FleetConfigError, match=f"router.{key}.*whole number"):
+            parse_fleet_config({"router": {key: 2.5}, "instances": [{"name": "a", "model": "m"}]},
+                               check_ports=False)

@@ -145,3 +145,15 @@ def test_unbounded_arrival_needs_a_duration():
     with pytest.raises(ValueError, match="duration"):
         run_workload(Target("http://127.0.0.1:9", "m", ArrivalSpec("poisson", rate=1.0), ["x"]), None,
                      progress=False)
+
+
+@pytest.mark.parametrize("kwargs", [{"duration_s": float("nan")}, {"duration_s": -1.0}, {"concurrency": 0},
+                                    {"concurrency": True}, {"request_timeout_s": float("inf")},
+                                    {"request_timeout_s": 0}])
+def test_arguments_that_would_loop_or_wait_forever_are_refused(kwargs):
+    from kvlab.load.arrivals import ArrivalSpec
+
+    target = Target("http://127.0.0.1:9", "m", ArrivalSpec("constant", rate=1.0), ["x"])
+    args = {"duration_s": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=next(iter(kwargs)).split("_s")[0]):
+        run_workload(target, args.pop("duration_s"), progress=False, **args)
