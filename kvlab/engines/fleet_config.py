@@ -144,7 +144,7 @@ def _number(value: Any, path: str, *, minimum: float = 0.0) -> float:
 def _count(value: Any, path: str, *, minimum: int = 1) -> int:
     """A whole number (2.5 requests or bytes is a typo, not something to round)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise FleetConfigError(f"{_where(path)} must be a whole number >= {minimum}, got {value!r}")
+        raise FleetConfigError(f"{_where(path)} must be a whole, finite number >= {minimum}, got {value!r}")
     return value
 
 

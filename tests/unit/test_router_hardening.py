@@ -525,6 +525,6 @@ def test_serve_status_sends_the_token_a_non_local_router_needs(monkeypatch, caps
 
 def test_counts_in_the_router_section_must_be_whole_numbers():
     for key in ("max_concurrent_per_backend", "max_body_bytes"):
-        with pytest.raises(FleetConfigError, match=f"router.{key}.*whole number"):
+        with pytest.raises(FleetConfigError, match=f"router.{key}.*whole, finite number"):
             parse_fleet_config({"router": {key: 2.5}, "instances": [{"name": "a", "model": "m"}]},
                                check_ports=False)
