@@ -4,7 +4,8 @@
   hostile input;
 - `owner`: BudgetRecord, the side of the process that maps a pool's memory (reserve, release, headroom);
 - `admin`: the one way anyone changes a record or a cap (kvctl, kvtop, kvlab, the router, an engine's own resize):
-  list, limits, leases, group caps, reaping.
+  list, limits, leases, group caps, reaping;
+- `stores`: prefix stores as budget citizens (their size, cap and group; the chunks are kvcached.prefix_store's).
 """
 from kvcached.budget.admin import (
     DEFAULT_LEASE_S,
@@ -25,6 +26,7 @@ from kvcached.budget.admin import (
 )
 from kvcached.budget.owner import GROUP_ENV, BudgetRecord, default_group
 from kvcached.budget.records import GroupInfo, InstanceInfo, UnreadableRecord, check_bytes, process_start_time
+from kvcached.budget.stores import StoreInfo, find_store, list_stores, set_store_limit
 from kvcached.shm import SHM_DIR_ENV, ShmDirError, sanitize_name, shm_dir
 
 __all__ = [
@@ -32,5 +34,5 @@ __all__ = [
     "DEFAULT_LEASE_S", "shm_dir", "default_group", "sanitize_name", "check_bytes", "list_instances",
     "list_unreadable", "list_groups", "group_cap", "group_reserved", "find_instance", "set_limit",
     "set_limit_percent", "lease_limit", "set_group_limit", "reap", "cleanup", "process_start_time", "SHM_DIR_ENV",
-    "GROUP_ENV",
+    "GROUP_ENV", "StoreInfo", "find_store", "list_stores", "set_store_limit",
 ]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from kvcached.budget import stores
 from kvcached.budget.records import (
     CREATE_LOCK,
     GROUP_SUFFIX,
@@ -84,13 +85,16 @@ def list_groups() -> list[GroupInfo]:
     if directory is None:
         return []
     instances = [i for i in scan_records(directory)[0] if i.alive]
-    names = {i.group for i in instances} | _group_file_names(directory)
+    prefix_stores = [s for s in stores.list_stores() if s.exists]
+    names = {i.group for i in instances} | {s.group for s in prefix_stores} | _group_file_names(directory)
     groups = []
     for name in sorted(names):
         members = [i for i in instances if i.group == name]
+        held_by_stores = sum(s.used_bytes for s in prefix_stores if s.group == name)
         groups.append(GroupInfo(
             name=name, cap_bytes=read_group_cap(directory, name), members=len(members),
-            used_bytes=sum(i.used_bytes for i in members), reserved_bytes=sum(i.reserved_bytes for i in members),
+            used_bytes=sum(i.used_bytes for i in members),
+            reserved_bytes=sum(i.reserved_bytes for i in members) + held_by_stores,
             limit_bytes=sum(i.effective_limit_bytes for i in members)))
     return groups
 
@@ -106,14 +110,16 @@ def group_cap(group: str) -> int | None:
 
 
 def group_reserved(group: str) -> int:
-    """Sum of reserved bytes of the group's live members, read under the group lock (a consistent snapshot)."""
+    """What the group's cap counts: reserved bytes of its live members and what its prefix stores hold, read under
+    the group lock (a consistent snapshot)."""
     check_name(group, "group name")
     directory = ensure_dir()
     lock = FileLock(lock_path(directory, group))
     try:
         with lock:
-            return sum(i.reserved_bytes for i in scan_records(directory, fresh=False)[0]
-                       if i.alive and i.group == group)
+            members = sum(i.reserved_bytes for i in scan_records(directory, fresh=False)[0]
+                          if i.alive and i.group == group)
+            return members + stores.store_bytes_of_group(directory, group)
     finally:
         lock.close()
 
@@ -333,6 +339,8 @@ def cleanup() -> list[str]:
 
 def reap_locked(directory: Path) -> list[str]:
     """reap() for a caller that holds the create lock."""
+    from kvcached.prefix_store import dead_writers_tmp
+
     removed: list[str] = []
     infos, unreadable = scan_records(directory, fresh=True)
     for info in infos:
@@ -351,6 +359,12 @@ def reap_locked(directory: Path) -> list[str]:
         if pid.isdigit() and process_start_time(int(pid)) is None and _is_own_regular_file(tmp):
             tmp.unlink(missing_ok=True)
             removed.append(str(tmp))
+    removed += stores.reap_stores_locked(directory)
+    for store in stores.list_stores():
+        for tmp in dead_writers_tmp(Path(store.root)):  # chunks a dead writer left half-written
+            if _is_own_regular_file(tmp):
+                tmp.unlink(missing_ok=True)
+                removed.append(str(tmp))
     return removed
 
 

@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from kvcached.budget import admin
+from kvcached.budget import admin, stores
 from kvcached.budget.records import (
     CREATE_LOCK,
     NO_LEASE,
@@ -172,8 +172,10 @@ class BudgetRecord:
             if rec.reserved_bytes + num_bytes > effective_limit(rec):
                 return False
             cap = self.group_cap
-            if cap is not None and self._others_reserved() + rec.reserved_bytes + num_bytes > cap:
-                return False
+            if cap is not None:
+                over = self._others_reserved() + rec.reserved_bytes + num_bytes - cap
+                if over > 0 and over > stores.evict_from_group(self._dir, self.group, over):
+                    return False
             rec.reserved_bytes += num_bytes
         return True
 
@@ -223,7 +225,8 @@ class BudgetRecord:
         return max(over, 0)
 
     def _others_reserved(self) -> int:
-        """Sum of reserved bytes of the other live members of this group. Caller holds the group lock."""
+        """Sum of reserved bytes of the other live members of this group, its prefix stores included. Caller holds
+        the group lock."""
         total = 0
         with os.scandir(self._dir) as entries:
             for entry in entries:
@@ -237,7 +240,7 @@ class BudgetRecord:
                     continue  # gone, or not a record anyone can trust: it reserves nothing
                 if rec.group.decode() == self.group and alive(rec.pid, rec.start_time):
                     total += rec.reserved_bytes
-        return total
+        return total + stores.store_bytes_of_group(self._dir, self.group)
 
     def close(self) -> None:
         """Remove this record (the pool is gone, its memory released)."""

@@ -51,12 +51,15 @@ def render_table() -> str:
     """The `kvctl list` table as plain text."""
     instances = budget.list_instances()
     unreadable = budget.list_unreadable()
-    if not instances and not unreadable:
+    if not instances and not unreadable and not budget.list_stores():
         return f"no kvcached pools in {shm_dir()}"
     headers = ("NAME", "GROUP", "PID", "STATE", "USED", "RESERVED", "LIMIT", "VIRTUAL")
     rows = [(i.name, i.group, str(i.pid), "alive" if i.alive else "DEAD", format_size(i.used_bytes),
              format_size(i.reserved_bytes), _limit_cell(i), format_size(i.virtual_bytes)) for i in instances]
     rows += [(u.name, "?", str(u.pid or "?"), "UNREADABLE", "", "", "", "") for u in unreadable]
+    rows += [(s.name, s.group, "-", "store" if s.exists else "store (gone)", format_size(s.used_bytes),
+              format_size(s.used_bytes), "none" if s.limit_bytes is None else format_size(s.limit_bytes), "")
+             for s in budget.list_stores()]
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(headers)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (headers, *rows)]
     for u in unreadable:
@@ -72,7 +75,9 @@ def render_table() -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     budget.reap()
     if args.json:
-        print(json.dumps([i.to_dict() for i in budget.list_instances()], indent=2))
+        rows = [{"kind": "pool", **i.to_dict()} for i in budget.list_instances()]
+        rows += [_store_row(s) for s in budget.list_stores()]
+        print(json.dumps(rows, indent=2))
         for u in budget.list_unreadable():
             print(f"kvctl: unreadable record {u.path}: {u.reason}", file=sys.stderr)
     else:
@@ -80,12 +85,36 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_row(s: budget.StoreInfo) -> dict:
+    """A prefix store in `kvctl list --json`, with the fields every row has (a store has no owner process)."""
+    return {"kind": "prefix_store", "name": s.name, "group": s.group, "pid": None, "used_bytes": s.used_bytes,
+            "reserved_bytes": s.used_bytes, "limit_bytes": s.limit_bytes, "alive": s.exists, "root": s.root,
+            "path": s.path}
+
+
 def cmd_limit(args: argparse.Namespace) -> int:
     size = _size_or_none(args.size)
+    if not _is_pool(args.name) and any(s.name == args.name for s in budget.list_stores()):
+        from kvcached.prefix_store import PrefixStore
+
+        store = budget.set_store_limit(args.name, size)
+        PrefixStore.enforce_cap_of(store)
+        store = budget.find_store(args.name)
+        cap = "none" if store.limit_bytes is None else format_size(store.limit_bytes)
+        print(f"{store.name}: prefix store cap {cap} (holds {format_size(store.used_bytes)})")
+        return 0
     info = budget.find_instance(args.name)
     new = budget.set_limit(args.name, info.virtual_bytes if size is None else size)
     print(f"{new.name}: limit {format_size(new.limit_bytes)} (reserved {format_size(new.reserved_bytes)})")
     return 0
+
+
+def _is_pool(name: str) -> bool:
+    try:
+        budget.find_instance(name)
+    except KeyError:
+        return False
+    return True
 
 
 def cmd_limit_percent(args: argparse.Namespace) -> int:
@@ -131,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list pools (live and dead) and unreadable record files")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("limit", help="set a pool's limit (SIZE like 512M, 2G, or `none`)")
-    p.add_argument("name", help="the pool's exact name, as `kvctl list` shows it")
+    p = sub.add_parser("limit", help="set a pool's limit, or a prefix store's cap (SIZE like 512M, 2G, or `none`)")
+    p.add_argument("name", help="the pool's or the store's exact name, as `kvctl list` shows it")
     p.add_argument("size")
     p.set_defaults(func=cmd_limit)
     p = sub.add_parser("limit-percent", help="set a pool's limit as a percentage of its virtual size")
