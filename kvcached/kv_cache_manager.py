@@ -10,17 +10,14 @@ on an unmapped page.
 """
 from __future__ import annotations
 
-import os
 import threading
-import time
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 from kvcached.budget import BudgetRecord
 from kvcached.layout import KVLayout
 from kvcached.page_allocator import MappableRegion, PageAllocator
-
-_MEMINFO_TTL_S = 0.05
+from kvcached.physical_memory import physical_free_bytes
 
 
 @dataclass(frozen=True)
@@ -38,66 +35,6 @@ class KVCacheStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-_meminfo_cache: tuple[float, int] = (-1.0, 0)
-
-
-def host_available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (cached briefly: the scheduler may ask every step)."""
-    global _meminfo_cache
-    now = time.monotonic()
-    if now - _meminfo_cache[0] < _MEMINFO_TTL_S:
-        return _meminfo_cache[1]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                value = int(line.split()[1]) * 1024
-                break
-        else:
-            raise RuntimeError("/proc/meminfo has no MemAvailable: kvcached needs Linux 3.14 or newer")
-    _meminfo_cache = (now, value)
-    return value
-
-
-def physical_free_bytes(region: MappableRegion) -> int:
-    """Free physical memory where the region's pages come from.
-
-    host: MemAvailable, and when the pool is a file, the free space of its filesystem (a tmpfs has its own size);
-    cuda: cuMemGetInfo in this process's context; state (a scheduler deciding for workers in other processes):
-    NVML's free memory of the device, which needs no CUDA context here."""
-    backend = getattr(region, "backend", "host")
-    if backend == "cuda":
-        from kvcached import _core
-        return int(_core.cuda_mem_info(getattr(region, "device", 0))[0])
-    if backend == "state":
-        free = _nvml_free_bytes(getattr(region, "device", 0))
-        if free is not None:
-            return free
-    available = host_available_bytes()
-    path = getattr(region, "path", None)
-    if backend == "host" and path:
-        try:
-            st = os.statvfs(os.path.dirname(path) or ".")
-            available = min(available, st.f_bavail * st.f_frsize)
-        except OSError:
-            pass
-    return available
-
-
-def _nvml_free_bytes(device: int) -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device)).free)
-    except Exception:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
 
 
 class KVCacheManager:

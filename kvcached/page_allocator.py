@@ -26,6 +26,7 @@ from typing import Protocol, Sequence
 
 from kvcached.budget import BudgetRecord
 from kvcached.layout import KVLayout
+from kvcached.physical_memory import host_room_bytes
 
 RECLAIM_DELAY_ENV = "KVCACHED_RECLAIM_DELAY_S"
 RESERVE_PAGES_ENV = "KVCACHED_RESERVE_PAGES"
@@ -348,8 +349,14 @@ class PageAllocator:
             pooled = max(0, self.region.pool_size - self._pool_claimed) if self._has_pool else 0
             from_pool = min(pooled, n_region_pages)
             new_bytes = (n_region_pages - from_pool) * self.region.page_size
-            if new_bytes and not self.budget.try_reserve(new_bytes):
-                return None
+            if new_bytes:
+                # The machine before the budget: a claim no memory can back (a full tmpfs, a host out of memory)
+                # is refused here, instead of being held in the record while the map fails.
+                room = host_room_bytes(self.region)
+                if room is not None and new_bytes > room - self._pending_bytes:  # maps in flight come first
+                    return None
+                if not self.budget.try_reserve(new_bytes):
+                    return None
             self._pending_bytes += new_bytes
             self._pool_claimed += from_pool
             return new_bytes, from_pool

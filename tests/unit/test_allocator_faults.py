@@ -175,6 +175,28 @@ def test_a_full_tmpfs_is_out_of_memory_not_an_error(shm_dir, small_tmpfs):
     region.close()
 
 
+@pytest.mark.skipif(core_region_class() is None, reason="needs kvcached._core: run `pip install -e .[test]`")
+def test_a_full_tmpfs_is_refused_before_the_budget_is_claimed(shm_dir, small_tmpfs, monkeypatch):
+    """kvctl and the group cap never see a claim that no memory can back (a full tmpfs), not even while a map fails:
+    the allocator asks the filesystem first."""
+    from kvcached import _core
+
+    layout = KVLayout(num_blocks=16, block_bytes=P, num_layers=1, page_size=P)
+    region = _core.Region(layout.region_size, P, backend="host", path=str(small_tmpfs / "pool"))
+    record = BudgetRecord.create(layout.region_size, name="full", page_bytes=P)
+    alloc = PageAllocator(layout, region, record, reserve_pages=0, reclaim_delay_s=0.0, background=False)
+    got = [p for p in range(16) if alloc.acquire_pages([p])]
+    claims: list[int] = []
+    real = record.try_reserve
+    monkeypatch.setattr(record, "try_reserve", lambda n: claims.append(record.reserved_bytes + n) or real(n))
+    assert alloc.acquire_pages([15]) is False
+    assert claims == [], f"a claim of {claims} bytes was made for memory the full tmpfs does not have"
+    alloc.release_pages(got)
+    alloc.close()
+    record.close()
+    region.close()
+
+
 # A shim over libc's fallocate, loaded with LD_PRELOAD into a child: while KVC_FAIL_FALLOCATE says so, committing
 # ("commit") or releasing ("punch") pages fails with EIO, a real error of the host backend that is not out of memory,
 # met by the C++ core exactly where the kernel would report it.
