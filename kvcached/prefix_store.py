@@ -100,6 +100,8 @@ class PrefixStore:
         self.fingerprint = fingerprint
         self.dir = root / fingerprint
         self._fingerprint_bytes = bytes.fromhex(fingerprint)
+        self._group = sanitize_name(f"prefix-{name}")
+        self._max_bytes: int | None = None
 
     @classmethod
     def open(cls, store: str, fingerprint: str, *, max_bytes: int | None = None, group: str | None = None
@@ -110,13 +112,19 @@ class PrefixStore:
         budget group whose cap counts its bytes (default: $KVCACHED_IPC_NAME, else a group of its own)."""
         name, root = resolve(store)
         self = cls(name, root, fingerprint)
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(root)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            raise PermissionError(f"prefix store {root} must be a directory of yours (not a link): choose another")
-        group = sanitize_name(group or os.environ.get("KVCACHED_IPC_NAME") or f"prefix-{name}")
-        records.register_store(name, root, group, max_bytes)
+        self._group = sanitize_name(group or os.environ.get("KVCACHED_IPC_NAME") or f"prefix-{name}")
+        self._max_bytes = max_bytes
+        self._make_dirs()
         return self
+
+    def _make_dirs(self) -> None:
+        """Create the store's directory for this model (if needed), check it is ours, and publish its record."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(self.root)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise PermissionError(f"prefix store {self.root} must be a directory of yours (not a link): "
+                                  "choose another")
+        records.register_store(self.name, self.root, self._group, self._max_bytes)
 
     # ---- keys to files ------------------------------------------------------------------------------------
     def chunk_path(self, key: str) -> Path:
@@ -213,7 +221,14 @@ class PrefixStore:
                               digest.intdigest())
         tmp = self.dir / f".{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o600)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o600)
+            except FileNotFoundError:
+                # The store's directory was removed under us (kvctl cleanup, a user's rm): start it again, so the
+                # engines on it go back to sharing instead of missing for the rest of their lives.
+                self._make_dirs()
+                self.enforce_cap()  # recount: the record may still count the chunks that went with the directory
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o600)
             try:
                 written = os.writev(fd, [header, *buffers])
                 if written != size:
@@ -221,7 +236,7 @@ class PrefixStore:
             finally:
                 os.close(fd)
             os.replace(tmp, path)  # atomic: a reader sees the whole chunk or none
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a store record another process damaged
             self._remove(tmp)
             logger.warning("kvcached: prefix store %s: cannot save a chunk (%s); prefixes still work, uncached",
                            self.name, exc)
@@ -317,6 +332,28 @@ def chunk_files(root: Path) -> list[ChunkFile]:
     return out
 
 
+def remove_store(store: str) -> None:
+    """Remove a store: its chunks, then (through the reaper, which drops records of stores whose directory is gone)
+    its record. For a store made for one run; engines still on it just miss from then on."""
+    import shutil
+
+    from kvcached.budget import reap
+
+    shutil.rmtree(resolve(store)[1], ignore_errors=True)
+    reap()
+
+
+def chunk_shape(path: Path) -> tuple[int, int] | None:
+    """(parts, bytes per part) a chunk file says it holds; None when it is not a chunk. Its payload is unchecked."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(HEADER_BYTES)
+        magic, _version, parts, part_bytes, *_ = _HEADER.unpack(header)
+    except (OSError, struct.error):
+        return None
+    return (parts, part_bytes) if magic == CHUNK_MAGIC else None
+
+
 def evict_lru(root: Path, nbytes: int) -> int:
     """Remove least recently used chunks of the store at `root` until `nbytes` are freed (or none is left); for a
     pool of the store's budget group that needs the memory. Returns the bytes removed."""
@@ -351,6 +388,6 @@ def dead_writers_tmp(root: Path) -> list[Path]:
     return out
 
 
-__all__ = ["CHUNK_SUFFIX", "HEADER_BYTES", "PrefixStore", "chain_keys", "chunk_files", "dead_writers_tmp",
-           "evict_lru", "model_fingerprint", "resolve"]
+__all__ = ["CHUNK_SUFFIX", "HEADER_BYTES", "PrefixStore", "chain_keys", "chunk_files", "chunk_shape",
+           "dead_writers_tmp", "evict_lru", "model_fingerprint", "remove_store", "resolve"]
 

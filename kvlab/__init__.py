@@ -30,6 +30,7 @@ _EXPORTS = {
     "compare": "kvlab.runs",
     "summary_table": "kvlab.runs",
     "elastic_vs_static": "kvlab.experiments.elastic",
+    "prefix_sharing": "kvlab.experiments.shared_prefix",
     "TinyModelSpec": "kvlab.tiny_model",
     "write_tiny_model": "kvlab.tiny_model",
 }
@@ -37,7 +38,7 @@ _EXPORTS = {
 __all__ = [
     "__version__", "VLLMServer", "Colocation", "ServerError", "diagnose", "send_requests", "wait_ready",
     "ArrivalSpec", "Target", "run_workload", "summarize", "MemorySampler", "Run", "load_run", "compare",
-    "summary_table", "elastic_vs_static", "TinyModelSpec", "write_tiny_model",
+    "summary_table", "elastic_vs_static", "prefix_sharing", "TinyModelSpec", "write_tiny_model",
 ]
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from kvlab.engines.errors import ServerError, diagnose
     from kvlab.engines.server import VLLMServer
     from kvlab.experiments.elastic import elastic_vs_static
+    from kvlab.experiments.shared_prefix import prefix_sharing
     from kvlab.load.arrivals import ArrivalSpec
     from kvlab.load.client import send_requests, wait_ready
     from kvlab.load.metrics import summarize

@@ -1,5 +1,6 @@
-"""kvtop: a live view of kvcached pools: per-pool bars of used / reserved against the limit, group caps,
-and device memory when NVML is available. `kvtop --once` prints one frame (for scripts and CI).
+"""kvtop: a live view of kvcached pools: per-pool bars of used / reserved against the limit, prefix stores (the
+bytes of shared prompt-prefix KV each holds, against its cap), group caps, and device memory when NVML is
+available. `kvtop --once` prints one frame (for scripts and CI).
 
 Each frame first reaps what dead processes left (kvcached.budget.reap), so the view shows the living; record files
 that cannot be read are listed apart, never decoded."""
@@ -72,6 +73,18 @@ def build_frame() -> Group:
     if not instances and not unreadable:
         pools.add_row("(no pools)", "", "", "", "", "", "", "")
     parts: list = [pools]
+    stores = budget.list_stores()
+    if stores:
+        st = Table(title="prefix stores")
+        for col in ("store", "group", "holds", "cap", "where"):
+            st.add_column(col)
+        st.add_column("holds of cap", min_width=BAR_WIDTH, no_wrap=True)
+        for s in stores:
+            name = Text(s.name) if s.exists else Text(f"{s.name} (gone)", style="red")
+            cap = "none" if s.limit_bytes is None else format_size(s.limit_bytes)
+            bar = usage_bar(s.used_bytes, s.used_bytes, s.limit_bytes) if s.limit_bytes else Text("")
+            st.add_row(name, s.group, format_size(s.used_bytes), cap, s.root, bar)
+        parts.append(st)
     groups = budget.list_groups()
     if groups:
         gt = Table(title="groups")

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+DEFAULT_MODEL = Path(".cache") / "models" / "tiny-llama"
+MODEL_HELP = f"model path (default: {DEFAULT_MODEL}, generated into a temp dir if missing)"
 
 MEASUREMENT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError, MemoryError)
 
@@ -22,3 +27,18 @@ def report(name: str, measure: Callable[[], dict[str, Any]], print_table: Callab
     else:
         print_table(result)
     return 0
+
+
+def model_path(arg: str | None, purpose: str = "bench") -> str:
+    """The model a vLLM benchmark serves: `arg`, else the tiny model `make setup` generates, else a fresh one."""
+    if arg:
+        if not (Path(arg) / "config.json").exists() and Path(arg).exists():
+            raise ValueError(f"{arg} has no config.json: generate one with `kvlab tiny-model {arg}`")
+        return arg
+    if (DEFAULT_MODEL / "config.json").exists():
+        return str(DEFAULT_MODEL)
+    from kvlab.tiny_model import write_tiny_model
+
+    out = Path(tempfile.mkdtemp(prefix=f"kvlab-{purpose}-")) / "tiny-llama"
+    write_tiny_model(out)
+    return str(out)

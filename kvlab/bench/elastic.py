@@ -12,19 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
+
+from kvlab.bench import MODEL_HELP, model_path
 
 GOAL_DECODE_RATIO = 0.98
 GOAL_BACK_TO_IDLE_S = 1.0
 GOAL_IDLE_KV_SHARE = 0.01
-DEFAULT_MODEL = Path(".cache") / "models" / "tiny-llama"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help=f"model path (default: {DEFAULT_MODEL}, generated into a temp dir if missing)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool of each server (default 2)")
     parser.add_argument("--bursts", type=int, default=3, help="number of bursts (default 3)")
     parser.add_argument("--burst-size", type=int, default=16, help="requests per burst (default 16)")
@@ -38,20 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the servers one after the other (default: both up, bursts alternating, so "
                              "other load on the machine hits both alike)")
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
-
-
-def _model(arg: str | None) -> str:
-    if arg:
-        if not (Path(arg) / "config.json").exists() and Path(arg).exists():
-            raise ValueError(f"{arg} has no config.json: generate one with `kvlab tiny-model {arg}`")
-        return arg
-    if (DEFAULT_MODEL / "config.json").exists():
-        return str(DEFAULT_MODEL)
-    from kvlab.tiny_model import write_tiny_model
-
-    out = Path(tempfile.mkdtemp(prefix="kvlab-elastic-")) / "tiny-llama"
-    write_tiny_model(out)
-    return str(out)
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -136,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.experiments import elastic_vs_static
 
     try:
-        model = _model(args.model)
+        model = model_path(args.model, "elastic")
         result_run = elastic_vs_static(
             model, kv_cache_gib=args.kv_cache_gib, bursts=args.bursts, burst_size=args.burst_size,
             burst_every=args.burst_every, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,

@@ -10,6 +10,8 @@ BENCHMARKS = {
     "sampler": ("kvlab.bench.sampler", "CPU share of one core for 100 Hz memory sampling of a process tree"),
     "elastic": ("kvlab.bench.elastic",
                 "static vs kvcached vLLM-CPU: idle/peak memory, decode speed, back-to-idle time"),
+    "prefix": ("kvlab.bench.prefix",
+               "prefix sharing: TTFT of B from A's stored KV vs a cold B, exactness, store load GB/s vs memcpy"),
     "router": ("kvlab.bench.router", "router overhead ms (TTFT, e2e) vs direct; sleep levels: freed memory, wake s"),
     "load": ("kvlab.bench.load", "workload pacing at 1000 req/s: kvlab vs vLLM's benchmark client, at a no-op server"),
 }

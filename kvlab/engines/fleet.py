@@ -57,7 +57,8 @@ class SupervisedEngine:
         cls = SGLangServer if inst.engine == "sglang" else VLLMServer
         self.server = cls(inst.model, port=inst.port, host=inst.host, args=inst.engine_args, env=env,
                           kvcached=kvcached, ipc_name=env.get("KVCACHED_IPC_NAME"), log_dir=log_dir,
-                          name=inst.name, python=python, progress=progress)
+                          name=inst.name, python=python, progress=progress, prefix_store=inst.prefix_store,
+                          prefix_store_max_bytes=inst.prefix_store_max_bytes)
         self._lock = threading.Lock()
 
     @property

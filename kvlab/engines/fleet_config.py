@@ -34,7 +34,8 @@ ROUTER_KEYS = ("enable_router", "router_port", "router_host", "api_token", "max_
 SLEEP_KEYS = ("idle_threshold_seconds", "check_interval_seconds", "auto_sleep_enabled", "wakeup_on_request",
               "min_sleep_duration", "sleep_level", "drain_timeout_seconds")
 INSTANCE_KEYS = ("name", "model", "engine", "port", "host", "using_venv", "venv_path", "kvcached_env",
-                 "engine_env", "engine_args", "sleep_level")
+                 "engine_env", "engine_args", "sleep_level", "prefix_store")
+PREFIX_STORE_KEYS = ("store", "max_bytes")
 
 # A fleet file has tens of nodes; this bound lets anchors and aliases be used freely while a few hundred bytes
 # of nested aliases ("billion laughs") cannot expand into gigabytes when a value is read.
@@ -59,6 +60,8 @@ class EngineConfig:
     engine_env: dict[str, str] = field(default_factory=dict)
     engine_args: list[str] = field(default_factory=list)
     sleep_level: str | None = None
+    prefix_store: str | None = None  # a kvcached prefix store shared with the other engines on it (vLLM only)
+    prefix_store_max_bytes: int | None = None
 
     @property
     def served_model_name(self) -> str:
@@ -283,6 +286,31 @@ def _kvcached_env(section: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _prefix_store(value: Any, path: str) -> tuple[str | None, int | None]:
+    """`prefix_store: docs` (a name), `prefix_store: /shared/kv` (a directory), or
+    `prefix_store: {store: docs, max_bytes: 2G}` (bytes, or a size with K/M/G/T)."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        if not value.strip():
+            raise FleetConfigError(f"{_where(path)} is empty: give a store name or a directory")
+        return value.strip(), None
+    data = _mapping(value, path)
+    _check_keys(data, PREFIX_STORE_KEYS, path)
+    store = data.get("store")
+    if not isinstance(store, str) or not store.strip():
+        raise FleetConfigError(f"{_where(path + '.store')} must name a store or a directory")
+    cap = data.get("max_bytes")
+    if cap is None:
+        return store.strip(), None
+    from kvcached.units import parse_size
+
+    try:
+        return store.strip(), parse_size(cap)
+    except ValueError as exc:
+        raise FleetConfigError(f"{_where(path + '.max_bytes')}: {exc}") from None
+
+
 def _parse_instance(raw: Any, i: int, source_dir: Path | None) -> EngineConfig:
     path = f"instances[{i}]"
     data = _mapping(raw, path)
@@ -324,11 +352,16 @@ def _parse_instance(raw: Any, i: int, source_dir: Path | None) -> EngineConfig:
     model_path = Path(model).expanduser()
     if not model_path.is_absolute() and source_dir is not None and (source_dir / model_path).is_dir():
         model = str(source_dir / model_path)  # a local model dir relative to the fleet file
+    store, store_cap = _prefix_store(data.get("prefix_store"), path + ".prefix_store")
+    if store is not None and engine != "vllm":
+        raise FleetConfigError(f"{_where(path + '.prefix_store')}: prefix sharing is a vLLM KV connector; "
+                               f"engine {engine} cannot use it: remove prefix_store or use engine: vllm")
     return EngineConfig(
         name=name, model=model, engine=engine, port=port, host=host, venv_path=venv,
         kvcached_env=_env(data.get("kvcached_env"), path + ".kvcached_env"),
         engine_env=_env(data.get("engine_env"), path + ".engine_env"),
-        engine_args=args, sleep_level=_sleep_level(data.get("sleep_level"), path + ".sleep_level"))
+        engine_args=args, sleep_level=_sleep_level(data.get("sleep_level"), path + ".sleep_level"),
+        prefix_store=store, prefix_store_max_bytes=store_cap)
 
 
 def parse_fleet_config(data: Any, *, source: Path | None = None, check_ports: bool = True) -> FleetConfig:

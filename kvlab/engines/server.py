@@ -6,6 +6,7 @@ kvlab talks to it over HTTP only; it never imports vLLM.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -71,6 +72,9 @@ class VLLMServer:
 
     >>> with VLLMServer(".cache/models/tiny-llama", kv_cache_gib=0.5) as server:
     ...     server.complete("Hello")
+
+    `prefix_store` (a store name, or a directory shared with other machines) makes the server share prompt-prefix
+    KV with every engine on that store, through kvcached's KV connector; `prefix_store_max_bytes` caps the store.
     """
 
     def __init__(self, model: str, *, port: int | None = None, host: str = "127.0.0.1",
@@ -79,7 +83,8 @@ class VLLMServer:
                  enforce_eager: bool = True, kv_cache_gib: float | None = None,
                  log_dir: Path | str | None = None, name: str | None = None,
                  startup_timeout: float = 600, python: str | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, prefix_store: str | None = None,
+                 prefix_store_max_bytes: int | None = None) -> None:
         self.model = str(model)
         self.host = host
         self._port = port
@@ -89,6 +94,14 @@ class VLLMServer:
         self.ipc_name = ipc_name
         self.enforce_eager = enforce_eager
         self.kv_cache_gib = kv_cache_gib
+        if prefix_store is not None and (not isinstance(prefix_store, str) or not prefix_store.strip()):
+            raise ValueError(f"prefix_store must be a store name or a directory, got {prefix_store!r}")
+        if prefix_store_max_bytes is not None and (isinstance(prefix_store_max_bytes, bool)
+                                                   or not isinstance(prefix_store_max_bytes, int)
+                                                   or prefix_store_max_bytes < 0):
+            raise ValueError(f"prefix_store_max_bytes must be a whole number of bytes, got {prefix_store_max_bytes!r}")
+        self.prefix_store = prefix_store
+        self.prefix_store_max_bytes = prefix_store_max_bytes
         self.name = name or f"{Path(self.model.rstrip('/')).name}-{'kvcached' if kvcached else 'static'}"
         # The engine's exact kvcached name (its budget record in `kvctl list`): fixed here, so probes, the router's
         # sleep and cleanup find it by name, never by a prefix another engine's name could share. It survives
@@ -185,7 +198,18 @@ class VLLMServer:
             # The flag works on every platform and takes fractions; VLLM_CPU_KVCACHE_SPACE (set too, for
             # whole GiB, see environment()) is CPU-only and whole GiB only.
             cmd += ["--kv-cache-memory-bytes", str(int(self.kv_cache_gib * GiB))]
+        if self.prefix_store is not None:
+            cmd += ["--kv-transfer-config", json.dumps(self.kv_transfer_config())]
         return cmd + self.args
+
+    def kv_transfer_config(self) -> dict:
+        """vLLM's --kv-transfer-config for the prefix store (the interface contract's form)."""
+        extra: dict = {"store": self.prefix_store}
+        if self.prefix_store_max_bytes is not None:
+            extra["max_bytes"] = self.prefix_store_max_bytes
+        return {"kv_connector": "KVCachedPrefixConnector",
+                "kv_connector_module_path": "kvcached.integration.vllm_prefix_connector",
+                "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
     def environment(self) -> dict[str, str]:
         """The server's environment: ours, plus offline mode for local models, plus the kvcached switch."""
@@ -212,6 +236,11 @@ class VLLMServer:
         else:
             env["ENABLE_KVCACHED"] = "false"
             env.pop("KVCACHED_INSTANCE", None)  # never inherit another engine's name from this process
+        if self.prefix_store is not None:
+            # vLLM-CPU keeps one more core away from its workers for any KV connector (NIXL's transfer thread). The
+            # prefix connector copies inside the step and needs none: the same cores as an engine without it, so a
+            # fleet's engines run the same threads and give the same greedy outputs.
+            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
         env.update(self.extra_env)
         return env
 

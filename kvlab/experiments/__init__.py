@@ -3,6 +3,8 @@
 - `elastic`: static vs kvcached under bursts (`elastic_vs_static`, notebook 01, `kvlab bench elastic`);
 - `colocation`: several models on one device, one kvcached budget or static partitions (notebook 02);
 - `router_fleet` + `router_sleep`: models behind the router, traffic and a real sleep/wake (notebook 03);
+- `shared_prefix` (`prefix_sharing`): one engine reads documents, another answers from its stored prefix KV
+  (notebook 04, `kvlab bench prefix`);
 - `common`: what they share (device choice, series names, burst schedules, a wait that notices a crash).
 
 A new experiment is a module here that takes a `Run` (or makes one) and calls engines, load and probes.
@@ -12,7 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"elastic_vs_static": "kvlab.experiments.elastic", "resolve_device": "kvlab.experiments.common"}
+_EXPORTS = {"elastic_vs_static": "kvlab.experiments.elastic", "prefix_sharing": "kvlab.experiments.shared_prefix",
+            "resolve_device": "kvlab.experiments.common"}
 
 
 def __getattr__(name: str) -> Any:

@@ -32,6 +32,8 @@ class RequestRecord:
     status: str = "ok"
     http_status: int | None = None
     error: str | None = None
+    # The generated text, for checks that compare outputs; kept in memory only (requests.csv holds no text).
+    text: str = field(default="", repr=False)
 
     @property
     def ok(self) -> bool:
@@ -81,7 +83,7 @@ class RecordList(list):
     duration_s: float | None = None
 
 
-RECORD_FIELDS = [f.name for f in fields(RequestRecord)]
+RECORD_FIELDS = [f.name for f in fields(RequestRecord) if f.name != "text"]
 DERIVED_FIELDS = ["ttft_s", "tpot_s", "e2e_s", "send_lag_s"]
 CSV_FIELDS = RECORD_FIELDS + DERIVED_FIELDS
 

@@ -155,6 +155,19 @@ def _take_usage(rec: RequestRecord, data: dict) -> None:
             rec.output_tokens = int(usage["completion_tokens"])
 
 
+def _choice_text(choice: Any) -> str:
+    """A chunk's text: `text` for completions, `delta.content` (or `message.content`) for chat."""
+    if not isinstance(choice, dict):
+        return ""
+    if isinstance(choice.get("text"), str):
+        return choice["text"]
+    for key in ("delta", "message"):
+        part = choice.get(key)
+        if isinstance(part, dict) and isinstance(part.get("content"), str):
+            return part["content"]
+    return ""
+
+
 async def _read_stream(resp: Any, rec: RequestRecord) -> None:
     parser = SSEParser(comments=False)
     done = False
@@ -179,6 +192,7 @@ async def _read_stream(resp: Any, rec: RequestRecord) -> None:
                 if rec.first_token_s is None:
                     rec.first_token_s = t
                 rec.chunk_times.append(t)
+                rec.text += _choice_text(data["choices"][0])
             _take_usage(rec, data)
 
     async for chunk in resp.content.iter_any():
@@ -217,6 +231,8 @@ async def _send(session: Any, target: Target, item: _Planned, rec: RequestRecord
                     data = await resp.json(content_type=None)
                     rec.end_s = now()
                     _take_usage(rec, data)
+                    if isinstance(data, dict) and data.get("choices"):
+                        rec.text = _choice_text(data["choices"][0])
 
         try:
             await asyncio.wait_for(exchange(), timeout_s)

@@ -82,3 +82,27 @@ def group_table(group: str | None = None) -> Any:
              "used_mb": g.used_bytes / 1e6, "reserved_mb": g.reserved_bytes / 1e6, "limit_mb": g.limit_bytes / 1e6}
             for g in list_groups() if group is None or g.name == group]
     return pd.DataFrame(rows, columns=["group", "cap_mb", "members", "used_mb", "reserved_mb", "limit_mb"])
+
+
+class PrefixStoreSource:
+    """The bytes a kvcached prefix store holds (its record in the shm directory), at the sampler's rate."""
+
+    def __init__(self, series: str, store: str, *, interval_s: float | None = 0.25) -> None:
+        self.series = series
+        self.store = store
+        self.interval_s = interval_s
+
+    def read(self) -> list[Reading]:
+        from kvcached.budget import find_store
+
+        try:
+            info = find_store(self.store)
+        except KeyError:
+            return []
+        out: list[Reading] = [(self.series, "store_bytes", float(info.used_bytes))]
+        if info.limit_bytes is not None:
+            out.append((self.series, "store_limit_bytes", float(info.limit_bytes)))
+        return out
+
+    def probes(self) -> list[Probe]:
+        return [self]

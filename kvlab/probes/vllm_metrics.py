@@ -39,6 +39,36 @@ def parse_prometheus(text: str, wanted: dict[str, str] = _PROM_METRICS) -> dict[
     return out
 
 
+# Where prompt tokens came from (vLLM v1): computed here, the local prefix cache, or a KV connector (external).
+PROMPT_TOKEN_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+
+
+def prompt_tokens_by_source(text: str) -> dict[str, float]:
+    """`vllm:prompt_tokens_by_source` per source (summed over engines), from Prometheus text: how many prompt tokens
+    an engine computed, found in its own prefix cache, or loaded through a KV connector."""
+    out = {source: 0.0 for source in PROMPT_TOKEN_SOURCES}
+    for line in text.splitlines():
+        name = line.partition("{")[0]
+        if name not in ("vllm:prompt_tokens_by_source_total", "vllm:prompt_tokens_by_source"):
+            continue  # not `_created` (a timestamp), nor another metric that starts the same
+        labels, _, rest = line.partition("}")
+        for source in PROMPT_TOKEN_SOURCES:
+            if f'source="{source}"' in labels:
+                try:
+                    out[source] += float(rest.split()[0])
+                except (IndexError, ValueError):
+                    pass
+    return out
+
+
+def scrape(url: str, timeout_s: float = 5.0) -> str:
+    """The text of a vLLM server's /metrics (OSError when it does not answer)."""
+    from kvlab.load.client import root_url
+
+    with urllib.request.urlopen(root_url(url) + "/metrics", timeout=timeout_s) as resp:
+        return resp.read().decode(errors="replace")
+
+
 class VllmMetricsSource:
     """KV cache usage and running/waiting requests scraped from a vLLM server's `/metrics` (~2 Hz).
 

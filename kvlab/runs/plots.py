@@ -219,3 +219,44 @@ def mode_bars(summary: dict[str, Any], *, key: str = "ttft_p99_s", modes: Sequen
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def ttft_per_document(requests: Any, *, series: Sequence[str] = ("A", "B", "B-cold", "A-again"),
+                      title: str | None = None, path: Path | str | None = None) -> Any:
+    """TTFT of each document's request, one line per series (the prefix-sharing experiment): B below B-cold is
+    the prefill the store saved; A-again is the engine's own prefix cache, the floor."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in series:
+        df = requests[(requests["series"] == name) & requests["ttft_s"].notna()].sort_values("scheduled_s")
+        if len(df):
+            ax.plot(range(1, len(df) + 1), df["ttft_s"] * 1e3, marker="o", label=name)
+    ax.set_xlabel("document")
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_title(title or "Time to first token per document: loaded from the store (B) vs computed (B-cold)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def save_prefix_figures(run: Any) -> list[Path]:
+    """The prefix-sharing run's figures: TTFT per document, TTFT CDF, and the store's size over time."""
+    from kvlab.runs.reading import load_run
+
+    data = load_run(run)
+    plt = _pyplot()
+    out: list[Path] = []
+    if len(data.requests) and "ttft_s" in data.requests:
+        plt.close(ttft_per_document(data.requests, path=data.dir / "ttft_per_document.png"))
+        plt.close(latency_cdf(data.requests, metric="ttft_s", path=data.dir / "ttft_cdf.png"))
+        out += [data.dir / "ttft_per_document.png", data.dir / "ttft_cdf.png"]
+    if len(data.memory) and (data.memory["metric"] == "store_bytes").any():
+        plt.close(memory_timeline(data.memory, phases=data.phases, t0_s=data.summary.get("t0_s"),
+                                  metric="store_bytes", title="Prefix store size (MB)",
+                                  path=data.dir / "store_timeline.png"))
+        out.append(data.dir / "store_timeline.png")
+    if len(data.memory) and (data.memory["metric"] == MEM_BYTES).any():
+        plt.close(memory_timeline(data.memory, phases=data.phases, t0_s=data.summary.get("t0_s"),
+                                  path=data.dir / "memory_timeline.png"))
+        out.append(data.dir / "memory_timeline.png")
+    return out

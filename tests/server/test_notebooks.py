@@ -115,3 +115,21 @@ def test_notebook03_router_and_sleep(tmp_path: Path) -> None:
     wake = next(p for p in summary["phases"] if p["name"] == "wake" and p["series"] == model)
     sent_in_wake = requests[(requests.series == model) & requests.send_s.between(wake["start_s"], wake["end_s"])]
     assert list(sent_in_wake.status) == ["ok"]
+
+
+def test_notebook04_prefix_sharing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The prefix-sharing experiment on a few documents: B's greedy answers, with each document loaded from the
+    store, equal A's from its own prefix cache; B computes only the questions (vLLM's counters, not the clock:
+    the TTFT gain is the bench's to measure)."""
+    docs, doc_tokens = 4, 800
+    result = _execute("04_prefix_sharing", tmp_path, model=str(tiny_model_dir), docs=docs, doc_tokens=doc_tokens,
+                      max_tokens=12, kv_cache_gib=0.5)
+    summary = _complete_run(result.run_dir, ["A", "B", "B-cold", "A-again"])
+    assert summary["exact_matches"] == docs, "B's answer equals A-again's for every document"
+    b, cold = summary["series"]["B"], summary["series"]["B-cold"]
+    assert b["prompt_tokens_loaded"] >= 0.8 * docs * doc_tokens, "the documents came from the store"
+    assert cold["prompt_tokens_loaded"] == 0, "the cold engine has no store"
+    assert b["prompt_tokens_computed"] < 0.2 * cold["prompt_tokens_computed"], "B computed the questions only"
+    assert {"ttft_per_document.png", "store_timeline.png"} <= {p.name for p in result.run_dir.iterdir()}
+    memory = pd.read_csv(result.run_dir / "memory.csv")
+    assert memory[memory.metric == "store_bytes"].value.max() > 0

@@ -271,3 +271,22 @@ def test_a_host_that_is_not_a_name_is_refused(host):
 def test_serve_status_given_a_directory_exits_2(tmp_path, capsys):
     assert main(["serve", "status", "--config", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_prefix_store_per_instance():
+    config = parse({"instances": [
+        {"name": "a", "model": "m", "prefix_store": "docs"},
+        {"name": "b", "model": "n", "prefix_store": {"store": "/shared/kv", "max_bytes": 1 << 30}},
+        {"name": "c", "model": "o"}, {"name": "d", "model": "p", "prefix_store": {"store": "x", "max_bytes": "2G"}}]})
+    a, b, c, d = config.instances
+    assert d.prefix_store_max_bytes == 2 << 30
+    assert (a.prefix_store, a.prefix_store_max_bytes) == ("docs", None)
+    assert (b.prefix_store, b.prefix_store_max_bytes) == ("/shared/kv", 1 << 30)
+    assert c.prefix_store is None
+    for bad, words in ((["docs"], "mapping"), ({"store": "docs", "max_byte": 1}, "did you mean `max_bytes`"),
+                       ({"store": "docs", "max_bytes": -1}, "invalid size"),
+                       ({"store": "docs", "max_bytes": "2X"}, "invalid size"), ("", "empty")):
+        with pytest.raises(FleetConfigError, match=words):
+            parse({"instances": [{"name": "a", "model": "m", "prefix_store": bad}]})
+    with pytest.raises(FleetConfigError, match="vLLM KV connector"):
+        parse({"instances": [{"name": "a", "model": "m", "engine": "sglang", "prefix_store": "docs"}]})

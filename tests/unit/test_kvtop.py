@@ -42,3 +42,16 @@ def test_once_exits_zero(shm_dir, capsys):
     assert kvtop.main(["--once"]) == 0
     assert "kvcached pools" in capsys.readouterr().out
     assert kvtop.main(["--once", "--interval", "0"]) == 2
+
+
+def test_prefix_stores_get_their_own_table(shm_dir):
+    import numpy as np
+
+    from kvcached.prefix_store import PrefixStore, chain_keys, model_fingerprint
+
+    fp = model_fingerprint(model="tiny", block_size=4)
+    store = PrefixStore.open("docs", fp, max_bytes=64 * M)
+    (key,) = chain_keys(fp, [1, 2, 3, 4], 4)
+    assert store.save_from(key, [memoryview(np.ones(4096, dtype=np.uint8))])
+    frame = kvtop.render_once()
+    assert "prefix stores" in frame and "docs" in frame and "64.0M" in frame

@@ -323,3 +323,18 @@ def test_committed_but_untouched_shared_file_is_counted() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_prompt_tokens_by_source_reads_the_counters_not_their_timestamps():
+    from kvlab.probes.vllm_metrics import prompt_tokens_by_source
+
+    text = "\n".join([
+        "# TYPE vllm:prompt_tokens_by_source counter",
+        'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} 626.0',
+        'vllm:prompt_tokens_by_source_created{engine="0",model_name="m",source="local_compute"} 1.79e+09',
+        'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="external_kv_transfer"} 512.0',
+        'vllm:prompt_tokens_by_source_total{engine="1",model_name="m",source="external_kv_transfer"} 128.0',
+        'vllm:prompt_tokens_total{engine="0",model_name="m"} 9999.0',
+    ])
+    assert prompt_tokens_by_source(text) == {"local_compute": 626.0, "local_cache_hit": 0.0,
+                                             "external_kv_transfer": 640.0}

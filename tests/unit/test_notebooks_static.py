@@ -13,7 +13,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-REQUIRED = {"00_quickstart", "01_elastic_vs_static", "02_multi_model_colocation", "03_router_and_sleep"}
+REQUIRED = {"00_quickstart", "01_elastic_vs_static", "02_multi_model_colocation", "03_router_and_sleep",
+            "04_prefix_sharing"}
 
 
 def test_required_notebooks_exist() -> None:
@@ -118,7 +119,7 @@ def test_gpu_workflow_runs_the_notebooks_on_a_self_hosted_gpu_runner() -> None:
     runs = " ".join(step.get("run", "") for step in job["steps"])
     assert "make setup" in runs
     assert "kvlab run" in runs and "-p device cuda" in runs
-    for stem in ("01_elastic_vs_static", "02_multi_model_colocation", "03_router_and_sleep"):
+    for stem in ("01_elastic_vs_static", "02_multi_model_colocation", "03_router_and_sleep", "04_prefix_sharing"):
         assert f"notebooks/{stem}.ipynb" in runs
     upload = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact")]
     assert upload and "results/" in upload[0]["with"]["path"] and upload[0].get("if") == "always()"

@@ -157,3 +157,16 @@ def test_arguments_that_would_loop_or_wait_forever_are_refused(kwargs):
     args = {"duration_s": 1.0, **kwargs}
     with pytest.raises(ValueError, match=next(iter(kwargs)).split("_s")[0]):
         run_workload(target, args.pop("duration_s"), progress=False, **args)
+
+
+@pytest.mark.parametrize("endpoint, stream", [("completions", True), ("chat", True), ("completions", False),
+                                              ("chat", False)])
+def test_records_keep_the_generated_text(fake_openai_server, endpoint, stream):
+    from fake_openai_server import TOKEN_TEXT
+
+    from kvlab.load.arrivals import ArrivalSpec
+
+    target = Target(fake_openai_server.url, "m", ArrivalSpec("bursts", burst_size=1, burst_every=1.0, burst_count=1),
+                    ["hello there"], max_tokens=3, stream=stream, endpoint=endpoint)
+    (rec,) = run_workload(target, None, progress=False)
+    assert rec.ok and rec.text == TOKEN_TEXT * 3, "split UTF-8 and multi-line events still give whole text"

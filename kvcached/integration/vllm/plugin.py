@@ -19,7 +19,7 @@ def register() -> None:
     if _installed or not engine_env.kvcached_enabled():
         return
     _installed = True
-    _apply_log_level()
+    configure_logging()
     import vllm
 
     version = getattr(vllm, "__version__", "unknown")
@@ -37,10 +37,18 @@ def register() -> None:
     logger.info("kvcached: elastic KV cache enabled (engine %s, group %s)", settings.engine_name, settings.group)
 
 
-def _apply_log_level() -> None:
-    """KVCACHED_LOG_LEVEL (DEBUG, INFO, WARNING, ERROR) for the `kvcached` logger; a bad value is reported."""
+def configure_logging() -> None:
+    """Make the `kvcached` logger speak in vLLM's log (INFO and up, stderr, one line per record, like vLLM's own),
+    at KVCACHED_LOG_LEVEL (DEBUG, INFO, WARNING, ERROR) when set; a bad value is reported. Idempotent."""
     import os
+    import sys
 
+    if not any(getattr(h, "_kvcached", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s", "%m-%d %H:%M:%S"))
+        handler._kvcached = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)  # vLLM configures only its own logger: ours would otherwise print WARNING+ bare
+        logger.setLevel(logging.INFO)
     raw = os.environ.get("KVCACHED_LOG_LEVEL", "").strip().upper()
     if not raw:
         return
