@@ -26,7 +26,12 @@ KNOBS: tuple[Knob, ...] = (
     Knob("KVCACHED_PAGE_SIZE", "bytes per physical page (a multiple of the CUDA granularity on GPUs)", "2097152"),
     Knob("KVCACHED_RECLAIM_DELAY_S", "seconds an idle page stays mapped before it is given back", "1.0"),
     Knob("KVCACHED_RESERVE_PAGES", "pages kept mapped ahead while an engine is busy (the warm reserve)", "2"),
-    Knob("KVCACHED_PREFIX_RETENTION_S", "seconds a freed block keeps its prefix-cache entry and its page", "0.5"),
+    Knob("KVCACHED_MAX_CACHED_TOKENS", "tokens of free prefix cache an engine keeps while nobody needs the memory "
+         "(0: none)", "16000"),
+    Knob("KVCACHED_PREFIX_RETENTION_S", "optional clock: also drop a free prefix-cache block after this many idle "
+         "seconds", "unset (no clock)"),
+    Knob("KVCACHED_MIN_FREE_MEMORY", "below this much free host (or device) memory, retained prefix cache is given "
+         "back", "512M"),
     Knob("KVCACHED_LOG_LEVEL", "log level of the `kvcached` logger inside engines (DEBUG, INFO, WARNING...)", "INFO"),
     Knob("KVCACHED_SANITY_CHECK", "accepted for compatibility with upstream kvcached fleet files; no effect here", ""),
 )

@@ -11,6 +11,7 @@ on an unmapped page.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -132,6 +133,15 @@ class KVCacheManager:
             idle_pages=a.idle_pages, reserved_pages=a.mapped_pages, used_bytes=a.in_use_pages * a.page_bytes,
             reserved_bytes=self.budget.reserved_bytes, limit_bytes=self.budget.limit_bytes,
             virtual_bytes=self.layout.num_logical_pages * a.page_bytes, page_bytes=a.page_bytes)
+
+    def pages_only_held_by(self, block_ids: Iterable[int]) -> int:
+        """Logical pages whose every live block is among `block_ids`: what freeing those blocks would give back."""
+        counts: Counter[int] = Counter()
+        with self._cond:
+            for b in block_ids:
+                if 0 <= b < self.layout.num_blocks and self._live[b]:
+                    counts.update(self.layout.pages_of_block(b))
+            return sum(1 for page, n in counts.items() if n == self._refs[page])
 
     def live_blocks(self) -> int:
         return self._num_live

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from kvcached.budget import admin, stores
 from kvcached.budget.records import (
@@ -26,6 +27,7 @@ from kvcached.budget.records import (
     RECORD_SIZE,
     RECORD_SUFFIX,
     FileLock,
+    GroupCapReader,
     InstanceInfo,
     Mapped,
     RecordStruct,
@@ -37,7 +39,6 @@ from kvcached.budget.records import (
     open_group,
     parse_record,
     read_exact,
-    read_group_cap,
     read_record,
     record_path,
     this_process,
@@ -47,7 +48,9 @@ from kvcached.budget.records import (
 from kvcached.shm import check_name, ensure_dir, sanitize_name
 
 GROUP_ENV = "KVCACHED_IPC_NAME"
-RECORD_VERSION = 3
+RECORD_VERSION = 4
+# How long a refused reservation counts as demand: the refused engine retries every scheduler step, renewing it.
+DEMAND_TTL_S = 1.0
 
 
 def default_group() -> str:
@@ -75,6 +78,7 @@ class BudgetRecord:
         self._closed = False
         self.name = self._rec.name.decode()
         self.group = self._rec.group.decode()
+        self._cap_reader = GroupCapReader(directory, self.group)
 
     @classmethod
     def create(cls, virtual_bytes: int, *, name: str | None = None, group: str | None = None,
@@ -104,7 +108,8 @@ class BudgetRecord:
                     magic=RECORD_MAGIC, version=RECORD_VERSION, pid=pid, start_time=start, used_bytes=0,
                     reserved_bytes=0, limit_bytes=limit, virtual_bytes=virtual_bytes, page_bytes=page_bytes,
                     used_pages=0, reserved_pages=0, created=time.time(), lease_limit_bytes=NO_LEASE,
-                    lease_expires=0.0, lease_pid=0, lease_start_time=0, name=chosen.encode(),
+                    lease_expires=0.0, lease_pid=0, lease_start_time=0, floor_bytes=0, retained_bytes=0,
+                    wanted_bytes=0, wanted_at=0.0, name=chosen.encode(),
                     group=group.encode(), backend=backend.encode()[:15], pool_path=pool)
                 path = record_path(directory, chosen)
                 record = write_struct_atomically(path, rec)
@@ -157,7 +162,7 @@ class BudgetRecord:
 
     @property
     def group_cap(self) -> int | None:
-        return read_group_cap(self._dir, self.group)
+        return self._cap_reader.cap()
 
     def info(self) -> InstanceInfo:
         return to_info(RecordStruct.from_buffer_copy(bytes(self._record.mm)), self._path)
@@ -174,9 +179,16 @@ class BudgetRecord:
             cap = self.group_cap
             if cap is not None:
                 over = self._others_reserved() + rec.reserved_bytes + num_bytes - cap
-                if over > 0 and over > stores.evict_from_group(self._dir, self.group, over):
+                if over > 0:
+                    over -= stores.evict_from_group(self._dir, self.group, over)
+                if over > 0:
+                    # Say what is missing: the group's other engines give retained prefix cache back for it.
+                    rec.wanted_at = time.monotonic()
+                    rec.wanted_bytes = over
                     return False
             rec.reserved_bytes += num_bytes
+            if rec.wanted_bytes:
+                rec.wanted_bytes = 0
         return True
 
     def release(self, num_bytes: int) -> None:
@@ -198,6 +210,20 @@ class BudgetRecord:
             self._rec.used_pages = pages
             if reserved_pages is not None:
                 self._rec.reserved_pages = reserved_pages
+
+    def publish_idle_figures(self, floor_bytes: int, retained_bytes: int) -> None:
+        """Publish what this pool holds beyond its requests' blocks: its floor (the null block's page, warm pages)
+        and its retained prefix cache (shown by `kvctl list`, kvtop and the stats endpoint)."""
+        with self._lock:
+            self._rec.floor_bytes = max(0, floor_bytes)
+            self._rec.retained_bytes = max(0, retained_bytes)
+
+    def neighbour_demand(self) -> int:
+        """Bytes other live members of this group asked for in the last DEMAND_TTL_S and the cap refused: what this
+        pool should give back from its retained prefix cache."""
+        now = time.monotonic()
+        return sum(rec.wanted_bytes for rec in self._other_members()
+                   if rec.wanted_bytes > 0 and 0 <= now - rec.wanted_at < DEMAND_TTL_S)
 
     def set_limit(self, num_bytes: int) -> None:
         """Change this pool's own limit, through the admin protocol (under the record's lock)."""
@@ -224,10 +250,8 @@ class BudgetRecord:
             over = max(over, min(excess, rec.reserved_bytes))
         return max(over, 0)
 
-    def _others_reserved(self) -> int:
-        """Sum of reserved bytes of the other live members of this group, its prefix stores included. Caller holds
-        the group lock."""
-        total = 0
+    def _other_members(self) -> Iterator[RecordStruct]:
+        """Records of the other live members of this group (pread copies: nothing of theirs is mapped here)."""
         with os.scandir(self._dir) as entries:
             for entry in entries:
                 if (not entry.name.endswith(RECORD_SUFFIX) or entry.name.startswith(".")
@@ -237,9 +261,14 @@ class BudgetRecord:
                 try:
                     rec = parse_record(read_exact(path, RECORD_SIZE), path)
                 except (OSError, UnreadableError):
-                    continue  # gone, or not a record anyone can trust: it reserves nothing
+                    continue  # gone, or not a record anyone can trust: it reserves and wants nothing
                 if rec.group.decode() == self.group and alive(rec.pid, rec.start_time):
-                    total += rec.reserved_bytes
+                    yield rec
+
+    def _others_reserved(self) -> int:
+        """Sum of reserved bytes of the other live members of this group, its prefix stores included. Caller holds
+        the group lock."""
+        total = sum(rec.reserved_bytes for rec in self._other_members())
         return total + stores.store_bytes_of_group(self._dir, self.group)
 
     def close(self) -> None:
@@ -263,6 +292,7 @@ class BudgetRecord:
         self._rec = RecordStruct.from_buffer_copy(bytes(self._record.mm))  # keep reads valid after close
         self._record.close()
         self._group_lock.close()
+        self._cap_reader.close()
 
     def __enter__(self) -> "BudgetRecord":
         return self

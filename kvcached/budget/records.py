@@ -35,7 +35,7 @@ GROUP_SUFFIX = ".group"
 LOCK_SUFFIX = ".lock"
 POOL_SUFFIX = ".pool"
 CREATE_LOCK = ".create.lock"
-RECORD_MAGIC = b"KVCREC3"  # 3: a lease on the limit; no heartbeat (liveness is pid + start time)
+RECORD_MAGIC = b"KVCREC4"  # 4: floor, retained prefix cache, unmet demand; 3: a lease on the limit
 GROUP_MAGIC = b"KVCGRP1"
 NO_LEASE = -1
 _ALIVE_TTL_S = 0.5
@@ -62,6 +62,15 @@ class RecordStruct(ctypes.Structure):
         ("lease_expires", ctypes.c_double),
         ("lease_pid", ctypes.c_int64),
         ("lease_start_time", ctypes.c_int64),
+        # What an idle engine holds, in two figures the owner publishes: its floor (the null block's page, warm
+        # pages) and its retained prefix cache (pages only cached-but-free blocks keep), which it gives back when
+        # anyone wants the memory.
+        ("floor_bytes", ctypes.c_int64),
+        ("retained_bytes", ctypes.c_int64),
+        # Unmet demand: bytes this pool asked for and the group cap refused, and when (CLOCK_MONOTONIC). The
+        # group's other members read it and give retained prefix cache back.
+        ("wanted_bytes", ctypes.c_int64),
+        ("wanted_at", ctypes.c_double),
         ("name", ctypes.c_char * 128),
         ("group", ctypes.c_char * 128),
         ("backend", ctypes.c_char * 16),
@@ -80,7 +89,8 @@ class GroupStruct(ctypes.Structure):
 
 RECORD_SIZE = ctypes.sizeof(RecordStruct)
 GROUP_SIZE = ctypes.sizeof(GroupStruct)
-_BYTE_FIELDS = ("used_bytes", "reserved_bytes", "limit_bytes", "virtual_bytes", "page_bytes")
+_BYTE_FIELDS = ("used_bytes", "reserved_bytes", "limit_bytes", "virtual_bytes", "page_bytes", "floor_bytes",
+                "retained_bytes", "wanted_bytes")
 _COUNT_FIELDS = ("used_pages", "reserved_pages")
 
 
@@ -115,6 +125,8 @@ class InstanceInfo:
     lease_limit_bytes: int | None = None
     lease_holder_pid: int | None = None
     lease_expires_in_s: float | None = None
+    floor_bytes: int = 0  # the idle floor: the null block's page and warm pages
+    retained_bytes: int = 0  # the retained prefix cache: given back when anyone wants the memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,7 +289,7 @@ def parse_record(data: bytes, path: Path) -> RecordStruct:
     for field in _BYTE_FIELDS + _COUNT_FIELDS:
         if getattr(rec, field) < 0:
             raise UnreadableError(f"its {field} is negative ({getattr(rec, field)})")
-    if rec.lease_limit_bytes < NO_LEASE or not math.isfinite(rec.lease_expires):
+    if rec.lease_limit_bytes < NO_LEASE or not math.isfinite(rec.lease_expires) or not math.isfinite(rec.wanted_at):
         raise UnreadableError("its lease fields are out of range")
     return rec
 
@@ -314,7 +326,8 @@ def to_info(rec: RecordStruct, path: Path, *, fresh: bool = False) -> InstanceIn
         alive=alive(rec.pid, rec.start_time, fresh=fresh), path=str(path),
         lease_limit_bytes=rec.lease_limit_bytes if leased else None,
         lease_holder_pid=rec.lease_pid if leased else None,
-        lease_expires_in_s=rec.lease_expires - now if leased else None)
+        lease_expires_in_s=rec.lease_expires - now if leased else None,
+        floor_bytes=rec.floor_bytes, retained_bytes=rec.retained_bytes)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -430,7 +443,13 @@ def open_group(directory: Path, group: str) -> Mapped:
 
 def read_group(path: Path) -> GroupStruct:
     """The group record at `path` (FileNotFoundError if gone, UnreadableError if it cannot be trusted)."""
-    g = GroupStruct.from_buffer_copy(read_exact(path, GROUP_SIZE))
+    return parse_group(read_exact(path, GROUP_SIZE), path)
+
+
+def parse_group(data: bytes, path: Path) -> GroupStruct:
+    if len(data) != GROUP_SIZE:
+        raise UnreadableError(f"{path.name} holds {len(data)} bytes, not {GROUP_SIZE} (truncated or not a group)")
+    g = GroupStruct.from_buffer_copy(data)
     if g.magic != GROUP_MAGIC:
         raise UnreadableError(f"{path.name}: unknown group format {bytes(g.magic)!r}")
     if g.cap_bytes < -1:
@@ -445,3 +464,63 @@ def read_group_cap(directory: Path, group: str) -> int | None:
     except (OSError, UnreadableError):
         return None
     return None if g.cap_bytes < 0 else g.cap_bytes
+
+
+class GroupCapReader:
+    """A group's cap, read through one open file descriptor: a single pread per read, no path walk, because every
+    page map and unmap asks for it. The file is hostile input like any other (pread and checks, never a mapping).
+    Admins write the cap in place, so a read sees a new cap at once; when the file itself is replaced (recreated
+    after it could not be trusted, or removed with an unused group), its inode changes, which the reader notices
+    within REVALIDATE_S and reopens."""
+
+    REVALIDATE_S = 0.5
+
+    def __init__(self, directory: Path, group: str) -> None:
+        self._path = group_path(directory, group)
+        self._fd: int | None = None
+        self._inode: int | None = None
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+
+    def cap(self) -> int | None:
+        """The cap in bytes; None when the group has none (or no trustworthy file: an uncapped group)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked >= self.REVALIDATE_S:
+                self._revalidate(now)
+            if self._fd is None:
+                return None
+            try:
+                data = os.pread(self._fd, GROUP_SIZE + 1, 0)
+            except OSError:
+                return None
+        try:
+            g = parse_group(data, self._path)
+        except UnreadableError:
+            return None
+        return None if g.cap_bytes < 0 else g.cap_bytes
+
+    def _revalidate(self, now: float) -> None:
+        self._checked = now
+        try:
+            inode = os.stat(self._path, follow_symlinks=False).st_ino
+        except OSError:
+            self._close_fd()
+            return
+        if self._fd is not None and inode == self._inode:
+            return
+        self._close_fd()
+        try:
+            fd = open_regular(self._path)
+        except (OSError, UnreadableError):
+            return
+        self._fd, self._inode = fd, os.fstat(fd).st_ino
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = self._inode = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_fd()

@@ -18,7 +18,8 @@ from kvcached.units import format_size, parse_percent, parse_size
 
 EPILOG = """examples:
   kvctl list                      table of pools (and of record files that cannot be read)
-  kvctl list --json               JSON array: name, group, pid, used_bytes, reserved_bytes, limit_bytes, ...
+  kvctl list --json               JSON array: name, group, pid, used_bytes, reserved_bytes, floor_bytes,
+                                  retained_bytes, limit_bytes, ...
   kvctl limit llama-0 2G          cap one pool at 2 GiB (idle pages above it are given back)
   kvctl limit llama-0 none        back to the whole pool
   kvctl limit-percent llama-0 50  cap at 50% of the pool's virtual size
@@ -26,6 +27,10 @@ EPILOG = """examples:
   kvctl group-limit shared none   remove the group cap
   kvctl cleanup                   remove records (and pool files) of dead processes, and unreadable records
   kvctl watch -n 1                refresh the table every second
+
+columns: RESERVED is what a pool maps now. Of it, FLOOR stays while the engine runs (the null block's page and warm
+pages) and RETAINED is free prefix cache kept for repeated prompts, given back at once when a limit, a group
+neighbour or short memory wants it (KVCACHED_MAX_CACHED_TOKENS caps it).
 
 sizes: bytes or K/M/G/T/P/E (binary), 0 .. 2^63-1 bytes.
 records live in $KVCACHED_SHM_DIR (default /dev/shm/kvcached)."""
@@ -53,13 +58,16 @@ def render_table() -> str:
     unreadable = budget.list_unreadable()
     if not instances and not unreadable and not budget.list_stores():
         return f"no kvcached pools in {shm_dir()}"
-    headers = ("NAME", "GROUP", "PID", "STATE", "USED", "RESERVED", "LIMIT", "VIRTUAL")
+    # FLOOR and RETAINED split what a pool holds beyond its requests' blocks: the floor stays (the null block's
+    # page, warm pages); the retained prefix cache goes to whoever needs the memory.
+    headers = ("NAME", "GROUP", "PID", "STATE", "USED", "RESERVED", "FLOOR", "RETAINED", "LIMIT", "VIRTUAL")
     rows = [(i.name, i.group, str(i.pid), "alive" if i.alive else "DEAD", format_size(i.used_bytes),
-             format_size(i.reserved_bytes), _limit_cell(i), format_size(i.virtual_bytes)) for i in instances]
-    rows += [(u.name, "?", str(u.pid or "?"), "UNREADABLE", "", "", "", "") for u in unreadable]
+             format_size(i.reserved_bytes), format_size(i.floor_bytes), format_size(i.retained_bytes),
+             _limit_cell(i), format_size(i.virtual_bytes)) for i in instances]
+    rows += [(u.name, "?", str(u.pid or "?"), "UNREADABLE", "", "", "", "", "", "") for u in unreadable]
     rows += [(s.name, s.group, "-", "store" if s.exists else "store (gone)", format_size(s.used_bytes),
-              format_size(s.used_bytes), "none" if s.limit_bytes is None else format_size(s.limit_bytes), "")
-             for s in budget.list_stores()]
+              format_size(s.used_bytes), "", "", "none" if s.limit_bytes is None else format_size(s.limit_bytes),
+              "") for s in budget.list_stores()]
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(headers)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (headers, *rows)]
     for u in unreadable:

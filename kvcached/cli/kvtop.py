@@ -57,14 +57,14 @@ def build_frame() -> Group:
     """One frame: pools, groups, devices."""
     instances = budget.list_instances()
     pools = Table(title=f"kvcached pools ({shm_dir()})", expand=False)
-    for col in ("name", "group", "pid", "used", "reserved", "limit", "virtual"):
+    for col in ("name", "group", "pid", "used", "reserved", "floor", "retained", "limit", "virtual"):
         pools.add_column(col, justify="right" if col not in ("name", "group") else "left")
     pools.add_column("used █ / reserved ▒ of limit", min_width=BAR_WIDTH, no_wrap=True)
     for i in instances:
         name = Text(i.name) if i.alive else Text(f"{i.name} (dead)", style="red")
         limit = format_size(i.effective_limit_bytes) + (" (lease)" if i.lease_limit_bytes is not None else "")
         pools.add_row(name, i.group, str(i.pid), format_size(i.used_bytes), format_size(i.reserved_bytes),
-                      limit, format_size(i.virtual_bytes),
+                      format_size(i.floor_bytes), format_size(i.retained_bytes), limit, format_size(i.virtual_bytes),
                       usage_bar(i.used_bytes, i.reserved_bytes, i.effective_limit_bytes))
     unreadable = budget.list_unreadable()
     for u in unreadable:

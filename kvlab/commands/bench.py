@@ -9,9 +9,11 @@ BENCHMARKS = {
     "alloc": ("kvlab.bench.alloc", "map/unmap µs per 2 MiB page vs first-touch memset"),
     "sampler": ("kvlab.bench.sampler", "CPU share of one core for 100 Hz memory sampling of a process tree"),
     "elastic": ("kvlab.bench.elastic",
-                "static vs kvcached vLLM-CPU: idle/peak memory, decode speed, back-to-idle time"),
+                "static vs kvcached in ABBA blocks: fresh and reused prompts, tok/s, TTFT, prefix hits, retained"),
     "prefix": ("kvlab.bench.prefix",
                "prefix sharing: TTFT of B from A's stored KV vs a cold B, exactness, store load GB/s vs memcpy"),
+    "colocation": ("kvlab.bench.colocation",
+                   "two models in one KV budget with intermittent peaks: elastic sharing vs static halves, TTFT p99"),
     "router": ("kvlab.bench.router", "router overhead ms (TTFT, e2e) vs direct; sleep levels: freed memory, wake s"),
     "load": ("kvlab.bench.load", "workload pacing at 1000 req/s: kvlab vs vLLM's benchmark client, at a no-op server"),
 }

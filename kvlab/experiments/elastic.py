@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kvlab.experiments.common import resolve_device, wait_alive
-from kvlab.probes import KV_RESERVED_BYTES, MEM_BYTES, HostTreeSource, KvcachedSource, NvmlSource, VllmMetricsSource
+from kvlab.probes import (
+    KV_FLOOR_BYTES,
+    KV_RESERVED_BYTES,
+    KV_RETAINED_BYTES,
+    MEM_BYTES,
+    HostTreeSource,
+    KvcachedSource,
+    NvmlSource,
+    VllmMetricsSource,
+)
 from kvlab.runs import MB, Run, idle_values
 
 SERIES = ("static", "kvcached")
@@ -213,6 +222,11 @@ def _last_end(records: Sequence[Any], series: str) -> float | None:
     return max((r.end_s for r in records if r.series == series and r.end_s is not None), default=None)
 
 
+def _worse(*values: float | None) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
 def _summaries(run: Run, series: Sequence[str], extra: dict[str, dict[str, Any]],
                margin: float) -> dict[str, dict[str, Any]]:
     memory = run.memory()
@@ -240,6 +254,15 @@ def _summaries(run: Run, series: Sequence[str], extra: dict[str, dict[str, Any]]
             s["after_cooldown_kv_reserved_bytes"] = after
             # Idle share: the worse of before the load and after the cooldown (memory must come back).
             s["idle_kv_share"] = max(kv_idle, after or 0.0) / pool
+            # ...in two figures: the floor the engine keeps, and the prefix cache it retains for repeated prompts
+            # until the memory is wanted (kvcached publishes both; a static pool has neither).
+            floor = _worse(_phase_idle(memory, name, KV_FLOOR_BYTES, run.phases),
+                           _last_value(memory, name, KV_FLOOR_BYTES))
+            retained = _worse(_phase_idle(memory, name, KV_RETAINED_BYTES, run.phases),
+                              _last_value(memory, name, KV_RETAINED_BYTES))
+            s["idle_kv_floor_bytes"] = floor
+            s["idle_kv_retained_bytes"] = retained
+            s["idle_kv_floor_share"] = floor / pool if floor is not None else None
             s["kv_back_to_idle_s"] = (time_back_to_idle(memory, name, KV_RESERVED_BYTES, last_end, kv_idle, 0.0)
                                       if last_end is not None else None)
         out[name] = s

@@ -5,7 +5,7 @@ import time
 from typing import Any
 
 from kvlab.probes.proc import process_tree
-from kvlab.probes.protocol import KV_RESERVED_BYTES, Probe, Reading
+from kvlab.probes.protocol import KV_FLOOR_BYTES, KV_RESERVED_BYTES, KV_RETAINED_BYTES, Probe, Reading
 
 
 class KvcachedSource:
@@ -51,6 +51,8 @@ class KvcachedSource:
             return []
         return [(self.series, "kv_used_bytes", float(sum(i.used_bytes for i in infos))),
                 (self.series, KV_RESERVED_BYTES, float(sum(i.reserved_bytes for i in infos))),
+                (self.series, KV_FLOOR_BYTES, float(sum(i.floor_bytes for i in infos))),
+                (self.series, KV_RETAINED_BYTES, float(sum(i.retained_bytes for i in infos))),
                 (self.series, "kv_limit_bytes", float(sum(i.effective_limit_bytes for i in infos))),
                 (self.series, "kv_virtual_bytes", float(sum(i.virtual_bytes for i in infos))),
                 (self.series, "kv_pools", float(len(infos)))]
@@ -65,10 +67,12 @@ def instances_table(group: str | None = None) -> Any:
 
     from kvcached.budget import list_instances
 
+    columns = ["name", "group", "pid", "used_mb", "reserved_mb", "floor_mb", "retained_mb", "limit_mb", "virtual_mb"]
     rows = [{"name": i.name, "group": i.group, "pid": i.pid, "used_mb": i.used_bytes / 1e6,
-             "reserved_mb": i.reserved_bytes / 1e6, "limit_mb": i.effective_limit_bytes / 1e6,
+             "reserved_mb": i.reserved_bytes / 1e6, "floor_mb": i.floor_bytes / 1e6,
+             "retained_mb": i.retained_bytes / 1e6, "limit_mb": i.effective_limit_bytes / 1e6,
              "virtual_mb": i.virtual_bytes / 1e6} for i in list_instances(group) if i.alive]
-    return pd.DataFrame(rows, columns=["name", "group", "pid", "used_mb", "reserved_mb", "limit_mb", "virtual_mb"])
+    return pd.DataFrame(rows, columns=columns)
 
 
 def group_table(group: str | None = None) -> Any:

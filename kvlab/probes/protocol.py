@@ -11,6 +11,9 @@ from typing import Iterable, Protocol, Sequence
 MEM_BYTES = "mem_bytes"  # host memory the server tree holds: private anon + shared memory counted once
 PSS_MEM_BYTES = "pss_mem_bytes"  # the same from PSS (Pss_Anon + Pss_Shmem), low rate: the reference figure
 KV_RESERVED_BYTES = "kv_reserved_bytes"
+# Of the reserved bytes: the floor an engine keeps, and the prefix cache it retains until the memory is wanted.
+KV_FLOOR_BYTES = "kv_floor_bytes"
+KV_RETAINED_BYTES = "kv_retained_bytes"
 GPU_USED_BYTES = "gpu_used_bytes"
 
 Reading = tuple[str, str, float]  # (series, metric, value)

@@ -46,6 +46,8 @@ def test_elastic_vs_static_writes_a_complete_run(tiny_model_dir: Path, tmp_path:
     kvc = summary["series"]["kvcached"]
     assert kvc["pool_bytes"] >= 0.9 * TEST_KV_CACHE_GIB * (1 << 30)
     assert kvc["idle_kv_share"] is not None and kvc["idle_kv_share"] < 0.05  # ...and idle holds next to none
+    assert kvc["idle_kv_floor_share"] is not None and kvc["idle_kv_floor_share"] < 0.05
+    assert kvc["idle_kv_retained_bytes"] == 0, "64-token prompts fill no 128-token block: nothing to retain"
     # The point of kvcached: the idle server does not hold the pool that the static one does.
     pool_mb = TEST_KV_CACHE_GIB * (1 << 30) / 1e6
     assert kvc["idle_mem_mb"] < summary["series"]["static"]["idle_mem_mb"] - 0.5 * pool_mb

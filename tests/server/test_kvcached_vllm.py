@@ -6,6 +6,8 @@ a second kvcached server to the first one's group.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,7 @@ from conftest import TEST_KV_CACHE_GIB
 from kvcached import budget
 from kvlab.engines.server import VLLMServer
 from kvlab.load import client
+from kvlab.probes.vllm_metrics import prompt_tokens_by_source, scrape
 
 pytestmark = pytest.mark.server
 
@@ -60,13 +63,18 @@ def _tree_pss_mb(server: VLLMServer) -> float:
 
 
 def _wait_idle(server: VLLMServer, timeout: float = 10.0) -> budget.InstanceInfo:
-    """Until kvcached holds at most the null block's page."""
+    """Until kvcached holds at most its floor (the null block's page) besides the prefix cache it retains."""
     deadline = time.monotonic() + timeout
     info = _instance(server)
-    while info.reserved_bytes > info.page_bytes and time.monotonic() < deadline:
+    while info.reserved_bytes - info.retained_bytes > info.page_bytes and time.monotonic() < deadline:
         time.sleep(0.05)
         info = _instance(server)
     return info
+
+
+def _prefix_hits(server: VLLMServer) -> float:
+    """Prompt tokens vLLM found in its own prefix cache so far (its counters)."""
+    return prompt_tokens_by_source(scrape(server.url))["local_cache_hit"]
 
 
 class ReservedSampler:
@@ -150,19 +158,47 @@ def test_greedy_outputs_identical_while_pages_come_and_go(kvcached_server, stati
 
 
 def test_memory_grows_under_a_burst_and_returns_after(kvcached_server):
+    """After a burst, kvcached holds its floor plus the prefix cache it retains for repeated prompts (nobody else
+    wants the memory); `kvctl limit NAME 0` empties the retained cache at once, and only the floor stays."""
     idle = _wait_idle(kvcached_server)
     burst = [_long_prompt(100 + i, 1200) for i in range(16)]
     with ReservedSampler(lambda: _instance(kvcached_server).reserved_bytes) as sampler:
         _complete_all(kvcached_server, burst, max_tokens=16, workers=16)
-        burst_end = time.monotonic()
-        deadline = burst_end + 2.0
-        while time.monotonic() < deadline and _instance(kvcached_server).reserved_bytes > idle.reserved_bytes:
-            time.sleep(0.02)
-        back = time.monotonic()
     grown = sampler.peak - idle.reserved_bytes
     assert grown >= 0.25 * POOL_BYTES, f"burst grew the pool by only {grown >> 20} MiB"
-    assert _instance(kvcached_server).reserved_bytes <= idle.reserved_bytes, (
-        f"memory not back to idle {back - burst_end:.2f} s after the burst")
+    after = _wait_idle(kvcached_server)
+    assert after.reserved_bytes - after.retained_bytes <= after.page_bytes, "back to the floor besides retention"
+    assert 0 < after.retained_bytes <= POOL_BYTES // 2, "the burst's prefixes are retained, under the cap"
+    assert after.floor_bytes >= after.page_bytes  # the null block's page
+    name = kvcached_server.kvcached_name
+    subprocess.run([sys.executable, "-m", "kvcached.cli.kvctl", "limit", name, "0"], check=True,
+                   capture_output=True)
+    try:
+        deadline = time.monotonic() + 10.0
+        info = _instance(kvcached_server)
+        while (info.retained_bytes or info.reserved_bytes > info.page_bytes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            info = _instance(kvcached_server)
+        assert info.retained_bytes == 0, "a limit of 0 empties the retained prefix cache"
+        assert info.reserved_bytes == info.page_bytes, "only the floor (the null block's page) stays"
+    finally:
+        subprocess.run([sys.executable, "-m", "kvcached.cli.kvctl", "limit", name, "none"], check=True,
+                       capture_output=True)
+
+
+def test_a_repeated_prompt_is_a_prefix_hit_as_on_static(kvcached_server, static_server):
+    """With nobody short of memory, kvcached keeps a prompt's blocks in vLLM's prefix cache as a static pool does:
+    the same prompt sent again after a pause longer than every kvcached timer is served from the cache."""
+    prompt = _long_prompt(900, 500)  # several full 128-token blocks
+    hits = {}
+    for server in (kvcached_server, static_server):
+        client.complete(server.url, server.model_name, prompt, max_tokens=4)
+        time.sleep(3.0)  # past the reclaim delay (1 s) and the idle trim (0.5 s)
+        before = _prefix_hits(server)
+        client.complete(server.url, server.model_name, prompt, max_tokens=4)
+        hits[server.name] = _prefix_hits(server) - before
+    assert hits[static_server.name] >= 512, hits
+    assert hits[kvcached_server.name] == hits[static_server.name], hits
 
 
 def test_group_cap_holds_and_requests_wait(kvcached_server, tiny_model_dir, server_log_dir):
@@ -172,16 +208,22 @@ def test_group_cap_holds_and_requests_wait(kvcached_server, tiny_model_dir, serv
         # Half the pool: below the two pools' sum, and below what both bursts want together (2 x 8 prompts of
         # ~1900 tokens at 16 KiB a token), while each burst alone fits; small enough to finish on a slow 2-core box.
         cap = POOL_BYTES // 2 // page * page
+        # The first engine retains the prefix cache of a burst it served alone: memory the second will need.
+        _complete_all(kvcached_server, [_long_prompt(150 + i, 1200) for i in range(4)], 1, 4)
+        retained = _wait_idle(kvcached_server).retained_bytes
+        assert retained > 0
         budget.set_group_limit(GROUP, cap)
         bursts = {s: [_long_prompt(200 + 50 * k + i, 1200) for i in range(8)]
                   for k, s in enumerate((kvcached_server, second))}
-        with ReservedSampler(lambda: budget.group_reserved(GROUP)) as sampler:
+        with ReservedSampler(lambda: budget.group_reserved(GROUP)) as sampler, \
+                ReservedSampler(lambda: _instance(kvcached_server).retained_bytes) as first_retained:
             with ThreadPoolExecutor(2) as pool:
                 futures = [pool.submit(_complete_all, s, prompts, 16, 8) for s, prompts in bursts.items()]
                 results = [f.result() for f in futures]
         assert all(len(texts) == 8 and all(isinstance(t, str) for t in texts) for texts in results)
         assert sampler.peak <= cap, f"group reserved {sampler.peak >> 20} MiB over the {cap >> 20} MiB cap"
         assert sampler.peak >= cap - 4 * page, "the bursts should have pressed against the cap"
+        assert min(v for _, v in first_retained.samples) < retained, "the retained prefix cache gave memory back"
     finally:
         budget.set_group_limit(GROUP, None)
         second.stop()

@@ -49,8 +49,18 @@ def _complete_run(run_dir: Path, series: list[str]) -> dict[str, Any]:
 def test_notebook01_elastic_vs_static(tmp_path: Path, tiny_model_dir: Path) -> None:
     pool_gib = 0.5
     result = _execute("01_elastic_vs_static", tmp_path, model=str(tiny_model_dir), kv_cache_gib=pool_gib,
-                      burst_size=8, burst_every=4.0, num_bursts=2, prompt_tokens=128, max_tokens=16, idle_s=2.0)
+                      burst_size=8, burst_every=4.0, num_bursts=2, prompt_tokens=128, max_tokens=16, idle_s=2.0,
+                      reuse_requests=4, reuse_prompt_tokens=384)
     summary = _complete_run(result.run_dir, ["static", "kvcached"])
+    # The reuse phase: with nobody short of memory, kvcached's prefix hits are static's (vLLM's counters); without
+    # retention there are none, and nothing is retained.
+    reuse = json.loads((result.run_dir / "reuse" / "summary.json").read_text())
+    assert reuse["status"] == "ok", reuse.get("error")
+    hits = {mode: f["prefix_hit_rate"] for mode, f in reuse["workloads"]["reuse"].items()}
+    assert hits["static"] >= 0.5 and hits["kvcached"] == hits["static"], hits
+    assert hits["kvcached, no retention"] == 0, hits
+    retained = {mode: f["idle_retained_bytes"] for mode, f in reuse["workloads"]["reuse"].items()}
+    assert retained["kvcached"] > 0 and retained["kvcached, no retention"] == 0, retained
     assert {"memory_timeline.png", "ttft_cdf.png", "idle_peak.png"} <= {p.name for p in result.run_dir.iterdir()}
     static, kvc = summary["series"]["static"], summary["series"]["kvcached"]
     pool_mb = pool_gib * (1 << 30) / 1e6

@@ -13,7 +13,8 @@ import pytest
 
 from kvcached import budget
 from kvcached.budget import BudgetRecord
-from kvcached.budget.records import RECORD_SIZE, RecordStruct
+from kvcached.budget.owner import RECORD_VERSION
+from kvcached.budget.records import RECORD_MAGIC, RECORD_SIZE, RecordStruct
 from kvcached.shm import ShmDirError
 from kvcached.units import MAX_BYTES
 
@@ -57,8 +58,8 @@ def test_engines_get_their_exact_name_or_an_error(shm_dir):
 
 
 def _write_record_file(path: Path, **fields) -> None:
-    rec = RecordStruct(magic=b"KVCREC3", version=3, pid=1, start_time=0, limit_bytes=M, virtual_bytes=M,
-                       lease_limit_bytes=-1, name=path.stem.encode(), group=b"g")
+    rec = RecordStruct(magic=RECORD_MAGIC, version=RECORD_VERSION, pid=1, start_time=0, limit_bytes=M,
+                       virtual_bytes=M, lease_limit_bytes=-1, name=path.stem.encode(), group=b"g")
     for key, value in fields.items():
         setattr(rec, key, value)
     path.write_bytes(bytes(rec))
@@ -71,7 +72,7 @@ def test_hostile_records_are_reported_not_decoded(shm_dir, capsys):
     d = Path(shm_dir)
     good = BudgetRecord.create(M, name="good")
     _write_record_file(d / "badutf.rec", name=b"bad\xffutf")
-    (d / "trunc.rec").write_bytes(b"KVCREC3\x00" + b"\x00" * 40)
+    (d / "trunc.rec").write_bytes(RECORD_MAGIC + b"\x00" + b"\x00" * 40)
     (d / "garbage.rec").write_bytes(os.urandom(RECORD_SIZE))
     _write_record_file(d / "neg.rec", reserved_bytes=-5)
     assert [i.name for i in budget.list_instances()] == ["good"]
@@ -112,7 +113,8 @@ def test_a_symlink_is_never_followed(shm_dir, tmp_path):
     assert [u.name for u in budget.list_unreadable()] == ["link"]
     with pytest.raises(KeyError):
         budget.set_limit("link", 0)
-    assert target.read_bytes()[:7] == b"KVCREC3" and RecordStruct.from_buffer_copy(target.read_bytes()).limit_bytes == M
+    assert target.read_bytes()[:7] == RECORD_MAGIC
+    assert RecordStruct.from_buffer_copy(target.read_bytes()).limit_bytes == M
 
 
 def test_the_shm_directory_must_be_private(tmp_path, monkeypatch):
@@ -228,3 +230,28 @@ def test_reaping_never_takes_a_live_record_or_a_capped_group(shm_dir):
     assert {g.name for g in budget.list_groups()} == {"g", "later"}
     a.close()
     budget.set_group_limit("later", None)
+
+
+def test_the_group_cap_on_the_map_path_follows_writes_and_replacements(shm_dir, monkeypatch):
+    """Every map asks for the group cap, so the owner reads it through one open fd: a cap written in place binds at
+    once; a group file replaced (removed with its group, recreated) is noticed within the revalidation period; a
+    garbage file is no cap at all, never a crash."""
+    from kvcached.budget.records import GroupCapReader, group_path
+
+    monkeypatch.setattr(GroupCapReader, "REVALIDATE_S", 0.0)  # revalidate on every read
+    rec = BudgetRecord.create(8 * M, name="capped", group="caps", page_bytes=M)
+    try:
+        assert rec.group_cap is None
+        budget.set_group_limit("caps", 3 * M)
+        assert rec.group_cap == 3 * M and not rec.try_reserve(4 * M) and rec.try_reserve(3 * M)
+        rec.release(3 * M)
+        path = group_path(Path(shm_dir), "caps")
+        path.unlink()
+        assert rec.group_cap is None, "a removed group file is no cap"
+        budget.set_group_limit("caps", 2 * M, create=True)  # a new file, a new inode
+        assert rec.group_cap == 2 * M
+        path.unlink()
+        path.write_bytes(b"garbage")
+        assert rec.group_cap is None
+    finally:
+        rec.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from kvlab.bench.elastic import result_from_summary
+from kvlab.bench.elastic_bursts import result_from_summary
 from kvlab.experiments.common import resolve_device
 from kvlab.experiments.elastic import decode_tokens_per_s, time_back_to_idle
 from kvlab.load.records import RequestRecord
@@ -61,3 +61,50 @@ def test_burst_decode_speed_groups_by_schedule() -> None:
     b.scheduled_s = a.scheduled_s  # same burst
     c = _rec(10, 15, 11)  # a stalled burst on its own
     assert burst_decode_tokens_per_s([c, a, b]) == [pytest.approx(20 / 2.0), pytest.approx(10 / 5.0)]
+
+
+def test_abba_blocks_sit_symmetrically_in_time() -> None:
+    from kvlab.experiments.prefix_reuse import block_order
+
+    assert block_order(["static", "kvcached"]) == ["static", "kvcached", "kvcached", "static"]
+    assert block_order(["a", "b", "c"], repeats=2) == ["a", "b", "c", "c", "b", "a"] * 2
+    with pytest.raises(ValueError):
+        block_order(["a"], repeats=0)
+
+
+def _pass(rate: float, ttft: float, hits: float, sent: float = 100.0) -> dict:
+    return {"requests": 2, "output_tokens_per_s": rate, "ttfts_s": [ttft, ttft], "tpots_s": [0.01, 0.01],
+            "prompt_tokens": sent, "prefix_hit_tokens": hits, "computed_tokens": sent - hits}
+
+
+def test_abba_summary_means_blocks_and_takes_ratios_against_the_first_mode() -> None:
+    from kvlab.bench.elastic import result_from_summary
+    from kvlab.experiments.prefix_reuse import summarize_blocks
+
+    blocks = [
+        {"mode": "static", "reuse": _pass(100.0, 1.0, 60.0)},
+        {"mode": "kvcached", "reuse": _pass(90.0, 1.2, 60.0), "idle_floor_bytes": 16, "idle_retained_bytes": 64,
+         "idle_reserved_bytes": 80},
+        {"mode": "kvcached", "reuse": _pass(98.0, 1.2, 60.0), "idle_floor_bytes": 16, "idle_retained_bytes": 32,
+         "idle_reserved_bytes": 48},
+        {"mode": "static", "reuse": _pass(100.0, 1.0, 60.0)},
+    ]
+    out = summarize_blocks(blocks, ["static", "kvcached"], ["reuse"])
+    kv = out["reuse"]["kvcached"]
+    assert kv["output_tokens_per_s"] == pytest.approx(94.0) and kv["blocks"] == 2
+    assert kv["ratios"]["output_tokens_per_s"] == pytest.approx(0.94)
+    assert kv["ratios"]["ttft_p50"] == pytest.approx(1.2)
+    assert kv["prefix_hit_rate"] == pytest.approx(0.6) and out["reuse"]["static"]["prefix_hit_rate"] == 0.6
+    assert kv["idle_retained_bytes"] == 64 and out["reuse"]["static"]["idle_retained_bytes"] is None
+    result = result_from_summary({"status": "ok", "workloads": out}, "run")
+    assert result["checks"] == {"reuse_tok_s": False, "reuse_ttft_p50": False} and result["pass"] is False
+
+
+def test_elastic_abba_refuses_bad_arguments_before_starting_anything(tmp_path) -> None:
+    from kvlab.experiments import elastic_abba
+
+    with pytest.raises(ValueError, match="workloads"):
+        elastic_abba("m", device="cpu", workloads=["nope"], root=tmp_path)
+    with pytest.raises(ValueError, match="pause_s"):
+        elastic_abba("m", device="cpu", pause_s=float("nan"), root=tmp_path)
+    assert not any(tmp_path.iterdir()), "no run directory for a refused call"

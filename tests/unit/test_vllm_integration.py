@@ -24,7 +24,7 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
 
-from kvcached import _core  # noqa: E402
+from kvcached import _core, budget  # noqa: E402
 from kvcached.budget import BudgetRecord  # noqa: E402
 from kvcached.integration.vllm import patches as vllm_patches  # noqa: E402
 from kvcached.integration.vllm import worker as vllm_worker  # noqa: E402
@@ -281,7 +281,7 @@ def test_a_scheduler_in_the_worker_process_maps_through_the_workers_region(shm_d
             device_config=types.SimpleNamespace(device_type="cpu"),
             parallel_config=types.SimpleNamespace(tensor_parallel_size=1),
             cache_config=types.SimpleNamespace(get_resolved_kv_cache_layout=lambda: KVCacheLayout.LBHNC)),
-        kv_cache_config=cfg, kv_cache_manager=types.SimpleNamespace(block_pool=pool, watermark_blocks=0))
+        kv_cache_config=cfg, block_size=16, kv_cache_manager=types.SimpleNamespace(block_pool=pool, watermark_blocks=0))
     try:
         vllm_patches.attach_elastic_pool(scheduler)
         elastic = pool._kvcached
@@ -328,6 +328,7 @@ def test_the_idle_sync_thread_never_changes_the_view_while_a_step_runs(monkeypat
         for _ in range(20):
             execute(None)
             state["in_step"] = False
+            time.sleep(0.01)  # the gap between two steps, where a real engine's idle sync gets the lock
     finally:
         stop.set()
         thread.join(5)
@@ -377,3 +378,164 @@ def test_pages_a_lagging_worker_writes_back_are_swept_under_load(shm_dir, monkey
         record.close()
         worker_region.close()
         scheduler_region.close()
+
+
+def test_an_eviction_to_admit_a_request_spares_that_requests_prefix_hits(shm_dir):
+    """vLLM's allocate_slots asks for the free count before it touches the request's prefix hits. An eviction
+    made to answer that count must take other cached blocks, never the hits: a dropped hit would be handed to the
+    request as computed KV while its page is given back (and maybe remapped empty). The server tier's full-tmpfs
+    test caught this as a wrong greedy token after a preemption under memory pressure. Runs through vLLM's own
+    KVCacheManager, BlockPool and request block hasher."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core import block_pool as block_pool_module
+    from vllm.v1.core import kv_cache_coordinator, kv_cache_manager
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    for module, patch in ((block_pool_module, vllm_patches._patch_block_pool),
+                          (kv_cache_manager, vllm_patches._patch_kv_cache_manager),
+                          (kv_cache_coordinator, vllm_patches._patch_coordinator)):
+        patch(module)
+    init_none_hash(sha256)
+    block = 16
+    spec = FullAttentionSpec(block_size=block, num_kv_heads=1, head_size=8, dtype=torch.float32)
+    tensor = KVCacheTensor(size=64 * spec.page_size_bytes, layers=["l0"], layer_stride=64 * spec.page_size_bytes,
+                           block_stride=spec.page_size_bytes)
+    config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[tensor], kv_cache_groups=[KVCacheGroupSpec(["l0"], spec)])
+    vllm_manager = kv_cache_manager.KVCacheManager(config, max_model_len=2048, scheduler_block_size=block,
+                                                   hash_block_size=block, enable_caching=True)
+    pool = vllm_manager.block_pool
+    layout = KVLayout(num_blocks=64, block_bytes=16 * 1024, num_layers=1, page_size=64 * 1024)
+    region = _core.Region(layout.region_size, layout.page_size, backend="host")
+    record = BudgetRecord.create(layout.num_logical_pages * layout.logical_page_bytes, name="hits",
+                                 page_bytes=layout.logical_page_bytes)
+    manager = KVCacheManager(layout, region, record, reserve_pages=0, reclaim_delay_s=0.0, background=False)
+    pool._kvcached = elastic = ElasticBlockPool(pool, manager, retention_s=3600.0)
+    hasher = get_request_block_hasher(block, sha256)
+
+    def served(request_id: str, tokens: list[int]) -> Request:
+        request = Request(request_id, tokens, SamplingParams(max_tokens=4), None, block_hasher=hasher)
+        assert vllm_manager.allocate_slots(request, len(tokens)) is not None
+        request.num_computed_tokens = len(tokens)
+        vllm_manager.free(request)  # full blocks stay in the prefix cache: cached-free, their pages held
+        return request
+
+    try:
+        served("a", list(range(128)))  # 8 blocks, cached-free first: the oldest
+        served("c", list(range(5000, 5128)))  # 8 more, newer
+        record.set_limit(record.reserved_bytes)  # no room for a new page: admitting means evicting
+        again = Request("a-again", list(range(128)) + list(range(9000, 9064)), SamplingParams(max_tokens=4), None,
+                        block_hasher=hasher)
+        hits, hit_tokens, _ = vllm_manager.get_computed_blocks(again)
+        hit_ids = [b.block_id for b in hits.blocks[0]]
+        assert hit_tokens == 128 and len(hit_ids) == 8
+        got = vllm_manager.allocate_slots(again, 64, hit_tokens, hits)
+        assert got is not None, "evicting c's cached blocks makes room"
+        new_ids = got.get_block_ids()[0]
+        assert not set(new_ids) & set(hit_ids), "a prefix hit was handed out again as a new block"
+        assert all(pool.blocks[i].block_hash is not None for i in hit_ids), "the request's own hits stay cached"
+        assert all(pool.blocks[i].ref_cnt == 1 and manager.is_live(i) for i in hit_ids)
+    finally:
+        elastic.close()
+        record.close()
+        region.close()
+
+
+def _retained(pool, prefix: str, count: int) -> list:
+    """`count` blocks that served a request and stay in the prefix cache: cached-free."""
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+    blocks = pool.get_new_blocks(count)
+    for i, block in enumerate(blocks):
+        pool._insert_block_hash(make_block_hash_with_group_id(f"{prefix}{i}".encode(), 0), block, None)
+    pool.free_blocks(blocks)
+    return blocks
+
+
+@pytest.fixture
+def retaining_pool(shm_dir, monkeypatch):
+    """An elastic pool with the engine's defaults: no clock, a cap of 12 blocks, a group to share."""
+    from vllm.v1.core import block_pool as block_pool_module
+
+    from kvcached.integration.vllm import block_pool as elastic_module
+
+    monkeypatch.setattr(elastic_module, "RECLAIM_TICK_S", 3600.0)  # the tests call reclaim_once themselves
+    vllm_patches._patch_block_pool(block_pool_module)
+    made = []
+
+    def make(name: str, *, max_cached_blocks: int = 12, min_free_memory: int = 0):
+        layout = KVLayout(num_blocks=64, block_bytes=16 * 1024, num_layers=2, page_size=64 * 1024)
+        region = _core.Region(layout.region_size, layout.page_size, backend="host")
+        record = BudgetRecord.create(layout.num_logical_pages * layout.logical_page_bytes, name=name,
+                                     group="retain", page_bytes=layout.logical_page_bytes)
+        manager = KVCacheManager(layout, region, record, reserve_pages=0, reclaim_delay_s=60.0, background=False)
+        pool = block_pool_module.BlockPool(num_gpu_blocks=64, enable_caching=True, hash_block_size=16)
+        pool._kvcached = ElasticBlockPool(pool, manager, max_cached_blocks=max_cached_blocks,
+                                          min_free_memory=min_free_memory)
+        made.append((pool, record, region))
+        return pool, manager, record
+
+    yield make
+    for pool, record, region in made:
+        pool._kvcached.close()
+        record.close()
+        region.close()
+
+
+def test_retained_prefix_cache_stays_without_pressure_up_to_its_cap(retaining_pool):
+    """No clock: free prefix-cache blocks keep their memory while nobody wants it; past the cap, the least recently
+    used go first. Both figures an idle engine holds are published in its record."""
+    pool, manager, record = retaining_pool("alone")
+    ek = pool._kvcached
+    assert ek.retention_s is None, "retention follows pressure, not a clock"
+    old = _retained(pool, "old", 8)
+    new = _retained(pool, "new", 8)
+    for _ in range(3):
+        ek.reclaim_once()
+    assert all(b.block_hash is not None for b in new), "the most recent stay cached"
+    assert sum(b.block_hash is not None for b in old) == 4, "16 cached, cap 12: the 4 least recently used went"
+    info = budget.find_instance("alone")
+    kept = [b.block_id for b in old + new if b.block_hash is not None]
+    pages = {p for b in kept for p in manager.layout.pages_of_block(b)} - set(manager.layout.pages_of_block(0))
+    assert info.retained_bytes == len(pages) * manager.layout.logical_page_bytes, "pages only retained blocks keep"
+    assert info.floor_bytes >= manager.layout.logical_page_bytes  # the null block's page at least
+    assert info.reserved_bytes >= info.retained_bytes + manager.layout.logical_page_bytes
+
+
+def test_a_neighbour_that_wants_memory_gets_the_retained_prefix_cache(retaining_pool):
+    """Two engines in one capped group: the first holds retained prefix cache; the second's reservation is refused
+    by the cap, which records its demand; the first's next reclaim tick gives its retained pages back, and the
+    second's retry succeeds."""
+    first, first_manager, first_record = retaining_pool("first")
+    second, second_manager, _ = retaining_pool("second")
+    cached = _retained(first, "doc", 12)  # 3 pages retained, plus the null block's page
+    page = first_manager.layout.logical_page_bytes
+    budget.set_group_limit("retain", first_record.reserved_bytes + 2 * page)  # the second has its null page + 1
+    assert second_manager.alloc(12) is None, "the cap binds: three more pages do not fit"
+    demand = first_record.neighbour_demand()
+    assert demand > 0, "the refusal is published as demand"
+    before = budget.find_instance("first").reserved_bytes
+    first._kvcached.reclaim_once()
+    assert before - budget.find_instance("first").reserved_bytes >= demand, "what was wanted is given back at once"
+    evicted = [b.block_hash is None for b in cached]
+    assert evicted[0] and evicted == sorted(evicted, reverse=True), "least recently used first, out of vLLM's cache"
+    assert second_manager.alloc(12) is not None, "the retry gets the memory"
+
+
+def test_a_limit_of_zero_leaves_only_the_floor(retaining_pool):
+    pool, manager, record = retaining_pool("sleepy")
+    _retained(pool, "p", 12)
+    record.set_limit(0)  # what `kvctl limit sleepy 0` and a router's `kv` sleep do
+    pool._kvcached.reclaim_once()
+    info = budget.find_instance("sleepy")
+    assert info.retained_bytes == 0
+    assert info.reserved_bytes == manager.layout.logical_page_bytes, "only the null block's page: the floor"
+
+
+def test_short_free_memory_gives_the_retained_prefix_cache_back(retaining_pool):
+    pool, manager, _ = retaining_pool("short", min_free_memory=1 << 62)  # more than any machine has free
+    cached = _retained(pool, "p", 8)
+    pool._kvcached.reclaim_once()
+    assert all(b.block_hash is None for b in cached)
+    assert budget.find_instance("short").retained_bytes == 0

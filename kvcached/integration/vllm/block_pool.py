@@ -6,9 +6,10 @@ mapped, fullest pages first) and maps a page when its first block goes live.
 
 Three kinds of blocks are held by kvcached's KVCacheManager (their pages stay mapped):
   * live blocks (vLLM ref_cnt > 0);
-  * cached-free blocks: ref_cnt 0 but still in the prefix cache. They keep their memory so a later request can
-    hit them, until they have been idle for `retention_s`; then the reclaimer evicts them from the prefix cache and
-    frees them, so memory returns to idle after a load even with prefix caching on;
+  * cached-free blocks: ref_cnt 0 but still in the prefix cache (the *retained* prefix cache). They keep their
+    memory while nobody needs it, so a repeated prefix is a hit as on a static pool, up to a cap
+    (KVCACHED_MAX_CACHED_TOKENS); they go at once, least recently used first, when memory is wanted (see
+    `reclaim_once`): evicted from vLLM's prefix cache first, then their pages are given back;
   * prefetched blocks: mapped for an allocation that `allocate_slots` is about to make (see `free_block_count`).
 
 Admission. vLLM asks `get_num_free_blocks()` right after computing how many blocks a request needs, and only
@@ -29,6 +30,8 @@ import time
 from typing import Any
 
 from kvcached.kv_cache_manager import KVCacheManager
+from kvcached.physical_memory import physical_free_bytes
+from kvcached.units import parse_size
 
 logger = logging.getLogger("kvcached")
 
@@ -36,31 +39,56 @@ RECLAIM_TICK_S = 0.1
 # How often the pool file is swept for pages a lagging worker wrote back after their unmap, under load too: such
 # a page is memory no budget counts, so it must not wait for the engine to go idle.
 SWEEP_INTERVAL_S = 2.0
-# How long a free block stays in the prefix cache (holding its page) before kvcached reclaims it. Short, because
-# an idle engine should hold no KV memory; raise KVCACHED_PREFIX_RETENTION_S to trade memory for prefix hits.
-DEFAULT_RETENTION_S = 0.5
+# Once no request has held a block this long, warm pages (not the retained prefix cache) are given back at once
+# instead of after the allocator's reclaim delay, so memory is back to its floor soon after a load ends.
+IDLE_TRIM_S = 0.5
+MAX_CACHED_TOKENS_ENV = "KVCACHED_MAX_CACHED_TOKENS"
+DEFAULT_MAX_CACHED_TOKENS = 16_000  # upstream kvcached's default
+RETENTION_ENV = "KVCACHED_PREFIX_RETENTION_S"
+MIN_FREE_MEMORY_ENV = "KVCACHED_MIN_FREE_MEMORY"
+DEFAULT_MIN_FREE_MEMORY = 512 << 20
 
 
-def _env_seconds(name: str, default: float) -> float:
+def _env_number(name: str, default: float | None, parse: Any = float) -> Any:
+    """A non-negative number from the environment; a bad value is logged and the default used (an engine must
+    not fail to start over a tuning knob)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
     try:
-        return max(0.0, float(os.environ.get(name, default)))
-    except ValueError:
+        value = parse(text)
+        if value < 0 or value != value:
+            raise ValueError("negative or NaN")
+        return value
+    except (ValueError, OverflowError) as exc:
+        logger.warning("kvcached: ignoring %s=%r (%s); using %s", name, text, exc, default)
         return default
 
 
 class ElasticBlockPool:
-    def __init__(self, pool: Any, manager: KVCacheManager, *, watermark_blocks: int = 0,
-                 retention_s: float | None = None, on_close: Any = None):
+    def __init__(self, pool: Any, manager: KVCacheManager, *, watermark_blocks: int = 0, block_tokens: int = 16,
+                 max_cached_blocks: int | None = None, retention_s: float | None = None,
+                 min_free_memory: int | None = None, on_close: Any = None):
         self.pool = pool
         self.manager = manager
         self.lock = threading.RLock()
         self.watermark_blocks = watermark_blocks
-        self.retention_s = (_env_seconds("KVCACHED_PREFIX_RETENTION_S", DEFAULT_RETENTION_S)
-                            if retention_s is None else retention_s)
+        if max_cached_blocks is None:
+            tokens = _env_number(MAX_CACHED_TOKENS_ENV, DEFAULT_MAX_CACHED_TOKENS, int)
+            max_cached_blocks = tokens // max(block_tokens, 1)
+        self.max_cached_blocks = max_cached_blocks
+        # No clock by default: retention follows pressure. The env knob adds one for users who want it.
+        self.retention_s = _env_number(RETENTION_ENV, None) if retention_s is None else retention_s
+        self.min_free_memory = (_env_number(MIN_FREE_MEMORY_ENV, DEFAULT_MIN_FREE_MEMORY, parse_size)
+                                if min_free_memory is None else min_free_memory)
         self._prefetched: list[int] = []
         self._prefetched_at = 0.0
         self._cached_free: dict[int, float] = {}  # block id -> when it became free with a prefix-cache hash
         self._need: int | None = None  # blocks the current allocate_slots call needs (None: not inside one)
+        # Prefix hits of the current allocate_slots call: cached-free blocks vLLM is about to touch. vLLM asks for
+        # the free count *before* it touches them, so an eviction made to answer that count must spare them, or the
+        # request would be handed a prefix whose block was just dropped (and its page maybe remapped, empty).
+        self._pinned: frozenset[int] = frozenset()
         self._on_close = on_close
         self._last_busy = time.monotonic()  # last time a request held a block (the null block aside)
         self._swept = False
@@ -73,8 +101,9 @@ class ElasticBlockPool:
         self._reclaimer.start()
 
     # Called from the vLLM hooks (scheduler thread) --------------------------------------------------------
-    def begin_allocation(self) -> None:
+    def begin_allocation(self, prefix_hits: frozenset[int] = frozenset()) -> None:
         self._need = 0
+        self._pinned = prefix_hits
 
     def note_need(self, num_blocks: int) -> None:
         if self._need is not None:
@@ -82,17 +111,21 @@ class ElasticBlockPool:
 
     def end_allocation(self) -> None:
         self._need = None
+        self._pinned = frozenset()
 
     def free_block_count(self, vllm_count: int) -> int:
         """What `get_num_free_blocks` answers: mapped blocks for this allocation, or vLLM's own count outside one."""
         if self._need is None:
             return vllm_count
-        target = self._need + self.watermark_blocks
+        # vLLM counts a prefix hit that sits in its free queue as a block to allocate; kvcached already holds its
+        # page, so it needs no new one: count it as free and prefetch only for the rest.
+        held_hits = sum(1 for bid in self._pinned if bid in self._cached_free)
+        target = self._need - held_hits + self.watermark_blocks
         missing = target - len(self._prefetched)
         if missing > 0:
             self._prefetch(missing)
         self._prefetched_at = time.monotonic()
-        return len(self._prefetched)
+        return len(self._prefetched) + held_hits
 
     def take(self, count: int) -> list[int]:
         """Block ids for `get_new_blocks(count)`: prefetched first, then freshly allocated."""
@@ -151,14 +184,18 @@ class ElasticBlockPool:
             self._prefetched.extend(ids)
 
     def _evict_cached(self, *, oldest_first: int | None = None, older_than: float | None = None) -> int:
-        """Drop cached-free blocks from the prefix cache and free them. Caller holds `lock` or is the scheduler."""
-        victims = sorted(self._cached_free.items(), key=lambda kv: kv[1])
+        """Drop cached-free blocks from the prefix cache and free them, least recently used first, never the
+        prefix hits of the allocation in progress. Caller holds `lock` or is the scheduler."""
+        victims = sorted((kv for kv in self._cached_free.items() if kv[0] not in self._pinned), key=lambda kv: kv[1])
         if older_than is not None:
             victims = [kv for kv in victims if kv[1] <= older_than]
         if oldest_first is not None:
             victims = victims[:max(oldest_first, 1) * 4]
+        return self._evict([bid for bid, _ in victims])
+
+    def _evict(self, block_ids: list[int]) -> int:
         ids: list[int] = []
-        for bid, _ in victims:
+        for bid in block_ids:
             block = self.pool.blocks[bid]
             del self._cached_free[bid]
             if block.ref_cnt != 0:
@@ -169,6 +206,10 @@ class ElasticBlockPool:
             self.manager.free(ids)
         return len(ids)
 
+    def _evict_lru(self, count: int) -> int:
+        oldest = sorted(self._cached_free.items(), key=lambda kv: kv[1])[:max(count, 0)]
+        return self._evict([bid for bid, _ in oldest if bid not in self._pinned])
+
     def _forget_uncached(self) -> None:
         """Cached-free blocks whose hash vLLM dropped (evict_blocks, reset_prefix_cache) are plain free blocks."""
         gone = [bid for bid in self._cached_free if self.pool.blocks[bid].block_hash is None]
@@ -177,30 +218,74 @@ class ElasticBlockPool:
         if gone:
             self.manager.free(gone)
 
+    def _pressure(self) -> tuple[str, int] | None:
+        """Why (and how many bytes) memory is wanted now, or None: the retained prefix cache then stays."""
+        over = self.manager.budget.over_budget()
+        if over > 0:
+            return "over its limit or group cap", over
+        demand = self.manager.budget.neighbour_demand()
+        if demand > 0:
+            return "a neighbour in its group wants memory", demand
+        free = physical_free_bytes(self.manager.region)
+        if free < self.min_free_memory:
+            return "free memory is short", self.min_free_memory - free
+        return None
+
+    def _give_back(self, reason: str, want_bytes: int) -> int:
+        """Evict the least recently used retained blocks whose pages add up to `want_bytes` (a block on a page
+        shared with others frees nothing alone, so the candidates grow until enough whole pages would go)."""
+        page_bytes = self.manager.layout.logical_page_bytes
+        lru = [bid for bid, _ in sorted(self._cached_free.items(), key=lambda kv: kv[1]) if bid not in self._pinned]
+        count = max(1, int(-(-want_bytes // page_bytes) * self.manager.layout.blocks_per_page))
+        while count < len(lru) and self.manager.pages_only_held_by(lru[:count]) * page_bytes < want_bytes:
+            count *= 2
+        evicted = self._evict(lru[:count])
+        if evicted:
+            logger.debug("kvcached: gave back %d retained prefix block(s): %s", evicted, reason)
+        return evicted
+
+    def retained_figures(self) -> tuple[int, int]:
+        """(floor bytes, retained bytes): the null block's page and warm pages; pages only the retained prefix
+        cache keeps."""
+        page_bytes = self.manager.layout.logical_page_bytes
+        retained = self.manager.pages_only_held_by(self._cached_free) * page_bytes
+        floor = (1 + len(self.manager.allocator.idle_pages())) * page_bytes
+        return floor, retained
+
     def reclaim_once(self) -> None:
         now = time.monotonic()
+        gave_back = False
         with self.lock:
             self._forget_uncached()
             if self._cached_free:
-                # Over the limit (kvctl limit, a router's sleep): prefix-cache entries give their pages up now.
-                over = self.manager.budget.over_budget() > 0
-                self._evict_cached(older_than=now if over else now - self.retention_s)
-            if self._prefetched and self._need is None and now - self._prefetched_at >= self.retention_s:
+                pressure = self._pressure()
+                if pressure is not None:
+                    gave_back = self._give_back(*pressure) > 0
+                excess = len(self._cached_free) - self.max_cached_blocks
+                if excess > 0:
+                    self._evict_lru(excess)
+                if self.retention_s is not None:
+                    self._evict_cached(older_than=now - self.retention_s)
+            if self._prefetched and self._need is None and now - self._prefetched_at >= IDLE_TRIM_S:
                 self.manager.free(self._prefetched)
                 self._prefetched = []
             # Only blocks a request holds count: cached-free and prefetched blocks have their own clocks above,
-            # and counting them here would make the trim wait a second retention period after the load ends.
+            # and counting them here would make the trim wait a second period after the load ends.
             held = self.manager.live_blocks() - len(self._cached_free) - len(self._prefetched) - 1  # - null block
             if held > 0:
                 self._last_busy = now
+        if gave_back:
+            # Memory is wanted: the pages just emptied go now, not after the allocator's reclaim delay.
+            self.manager.trim()
+        with self.lock:
+            self.manager.budget.publish_idle_figures(*self.retained_figures())
         if now - self._last_sweep >= SWEEP_INTERVAL_S:
             self._sweep(now)
-        if now - self._last_busy < self.retention_s:
+        if now - self._last_busy < IDLE_TRIM_S:
             self._swept = False
             return
-        # No request has held a block for the retention time (and the prefix-cache entries it left have just
-        # been evicted above): give the warm pages back now rather than after the allocator's own delay, so
-        # memory is back to idle soon after the load ends.
+        # No request has held a block for a while: give the warm pages back now rather than after the
+        # allocator's own delay, so memory is back to its floor (plus the retained prefix cache) soon.
         self.manager.trim()
         if not self._swept:
             self._sweep(now)  # once more after the trim: the last pages given back may have had a late writer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import logging
 from types import ModuleType
 from typing import Any
@@ -33,7 +34,8 @@ HOOK_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.block_pool", "BlockPool.touch", ("self", "blocks")),
     ("vllm.v1.core.block_pool", "BlockPool.get_num_free_blocks", ("self",)),
     ("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block", ("self", "block")),
-    ("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", ("self", "request", "num_new_tokens")),
+    ("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots",
+     ("self", "request", "num_new_tokens", "num_new_computed_tokens", "new_computed_blocks")),
     ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator.get_num_blocks_to_allocate", ("self",)),
     ("vllm.v1.core.sched.scheduler", "Scheduler.__init__", ("self", "vllm_config", "kv_cache_config")),
     ("vllm.v1.core.sched.scheduler", "Scheduler.schedule", ("self",)),
@@ -146,13 +148,15 @@ def _patch_kv_cache_manager(module: ModuleType) -> None:
     if not _first_time(cls):
         return
     allocate_slots = cls.allocate_slots
+    signature = inspect.signature(allocate_slots)
 
     @functools.wraps(allocate_slots)
     def patched_allocate_slots(self, *args, **kwargs):
         ek = _ek(self.block_pool)
         if ek is None:
             return allocate_slots(self, *args, **kwargs)
-        ek.begin_allocation()
+        hits = signature.bind(self, *args, **kwargs).arguments.get("new_computed_blocks")
+        ek.begin_allocation(frozenset(b.block_id for group in (hits.blocks if hits is not None else ()) for b in group))
         try:
             return allocate_slots(self, *args, **kwargs)
         finally:
@@ -264,12 +268,13 @@ def attach_elastic_pool(scheduler: Any) -> None:
     pool = scheduler.kv_cache_manager.block_pool
     pool._kvcached = elastic = ElasticBlockPool(pool, manager,
                                                 watermark_blocks=scheduler.kv_cache_manager.watermark_blocks,
-                                      on_close=close)
+                                                block_tokens=scheduler.block_size, on_close=close)
     # vLLM calls Scheduler.shutdown on a clean exit; atexit covers an exit by signal (SystemExit) too.
     atexit.register(elastic.close)
-    logger.info("kvcached: scheduler pages %d blocks over %d logical pages of %.1f MiB (group %s)",
-                plan.layout.num_blocks, plan.layout.num_logical_pages,
-                plan.layout.logical_page_bytes / 2**20, settings.group)
+    logger.info("kvcached: scheduler pages %d blocks over %d logical pages of %.1f MiB (group %s); keeps up to %d "
+                "free prefix-cache blocks while nobody needs the memory", plan.layout.num_blocks,
+                plan.layout.num_logical_pages, plan.layout.logical_page_bytes / 2**20, settings.group,
+                elastic.max_cached_blocks)
 
 
 _installed = False

@@ -24,6 +24,9 @@ def instance_stats(instance: str) -> dict[str, Any]:
         "instance": instance,
         "used_bytes": sum(r.used_bytes for r in records),
         "reserved_bytes": sum(r.reserved_bytes for r in records),
+        # What an idle engine holds: its floor, and the prefix cache it keeps until someone needs the memory.
+        "floor_bytes": sum(r.floor_bytes for r in records),
+        "retained_bytes": sum(r.retained_bytes for r in records),
         "limit_bytes": sum(r.limit_bytes for r in records),
         "effective_limit_bytes": sum(r.effective_limit_bytes for r in records),
         "virtual_bytes": sum(r.virtual_bytes for r in records),
