@@ -129,7 +129,7 @@ def print_table(r: dict[str, Any]) -> None:
     peak = r.get("group_reserved_peak_bytes")
     table.add_row("elastic group reserved, peak / cap (MiB)", "",
                   f"{_fmt(None if peak is None else peak / 2**20, '.0f')} / {r['total_kv_bytes'] / 2**20:.0f}", "")
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)
     print(f"run directory: {r['run_dir']}")
 
 

@@ -99,7 +99,7 @@ def _print_table(r: dict[str, Any]) -> None:
             + verdict(f"{workload}_ttft_p50"),
             _fmt(ratios.get("ttft_p99"), ".3f"), _fmt(ratios.get("tpot_speed"), ".3f"),
             " / ".join("n/a" if h is None else f"{100 * h:.0f}%" for h in hits))
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)
     for modes in r["workloads"].values():
         kv = modes.get("kvcached", {})
         if kv.get("idle_retained_bytes") is not None:

@@ -79,8 +79,9 @@ class TaggedPool:
     def check(self) -> None:
         torch = self.torch
         assert set(self.region.resident_pages()) == self.expected_region_pages()
-        mapped_bytes = self.region.backing_bytes - self.region.pool_size * self.layout.page_size
-        assert mapped_bytes == self.record.reserved_bytes  # the budget accounts exactly what is mapped
+        # The budget accounts exactly the device memory held: pages mapped, and handles kept in the pool for the
+        # next map (pooled handles are device memory too, so a neighbour's cap sees them).
+        assert self.region.backing_bytes == self.record.reserved_bytes
         if self.tags:
             ids = torch.tensor(sorted(self.tags), device="cuda")
             want = torch.tensor([self.tags[b] for b in sorted(self.tags)], device="cuda", dtype=torch.int32)

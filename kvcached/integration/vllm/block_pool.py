@@ -236,10 +236,20 @@ class ElasticBlockPool:
         shared with others frees nothing alone, so the candidates grow until enough whole pages would go)."""
         page_bytes = self.manager.layout.logical_page_bytes
         lru = [bid for bid, _ in sorted(self._cached_free.items(), key=lambda kv: kv[1]) if bid not in self._pinned]
-        count = max(1, int(-(-want_bytes // page_bytes) * self.manager.layout.blocks_per_page))
-        while count < len(lru) and self.manager.pages_only_held_by(lru[:count]) * page_bytes < want_bytes:
-            count *= 2
-        evicted = self._evict(lru[:count])
+
+        def enough(n: int) -> bool:
+            return self.manager.pages_only_held_by(lru[:n]) * page_bytes >= want_bytes
+
+        # The fewest least recently used blocks that free enough: at least one block per page wanted; double
+        # until enough, then bisect (blocks packed on pages need more than scattered ones).
+        low, high = 0, max(1, -(-want_bytes // page_bytes))
+        while high < len(lru) and not enough(high):
+            low, high = high, high * 2
+        high = min(high, len(lru))
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if enough(mid) else (mid, high)
+        evicted = self._evict(lru[:high])
         if evicted:
             logger.debug("kvcached: gave back %d retained prefix block(s): %s", evicted, reason)
         return evicted
@@ -261,9 +271,7 @@ class ElasticBlockPool:
                 pressure = self._pressure()
                 if pressure is not None:
                     gave_back = self._give_back(*pressure) > 0
-                excess = len(self._cached_free) - self.max_cached_blocks
-                if excess > 0:
-                    self._evict_lru(excess)
+                self._enforce_cap()
                 if self.retention_s is not None:
                     self._evict_cached(older_than=now - self.retention_s)
             if self._prefetched and self._need is None and now - self._prefetched_at >= IDLE_TRIM_S:
@@ -274,22 +282,33 @@ class ElasticBlockPool:
             held = self.manager.live_blocks() - len(self._cached_free) - len(self._prefetched) - 1  # - null block
             if held > 0:
                 self._last_busy = now
-        if gave_back:
-            # Memory is wanted: the pages just emptied go now, not after the allocator's reclaim delay.
+        idle = now - self._last_busy >= IDLE_TRIM_S
+        if gave_back or idle:
+            # Memory is wanted, or no request has held a block for a while: the pages just emptied (and the warm
+            # ones) go now, not after the allocator's reclaim delay; memory is back to its floor plus the
+            # retained prefix cache.
             self.manager.trim()
-        with self.lock:
+        with self.lock:  # after the trim, so the figures describe what is held now
             self.manager.budget.publish_idle_figures(*self.retained_figures())
         if now - self._last_sweep >= SWEEP_INTERVAL_S:
             self._sweep(now)
-        if now - self._last_busy < IDLE_TRIM_S:
+        if not idle:
             self._swept = False
-            return
-        # No request has held a block for a while: give the warm pages back now rather than after the
-        # allocator's own delay, so memory is back to its floor (plus the retained prefix cache) soon.
-        self.manager.trim()
-        if not self._swept:
+        elif not self._swept:
             self._sweep(now)  # once more after the trim: the last pages given back may have had a late writer
             self._swept = True
+
+    def _enforce_cap(self) -> None:
+        """At most `max_cached_blocks` retained blocks, and at most their worth of memory: blocks scattered over
+        partly emptied pages hold more than their own bytes, so the pages they keep are capped too."""
+        excess = len(self._cached_free) - self.max_cached_blocks
+        if excess > 0:
+            self._evict_lru(excess)
+        layout = self.manager.layout
+        cap_bytes = int(self.max_cached_blocks * layout.logical_page_bytes / max(layout.blocks_per_page, 1e-9))
+        held = self.manager.pages_only_held_by(self._cached_free) * layout.logical_page_bytes
+        if held > cap_bytes:
+            self._give_back("the retained prefix cache is over its cap", held - cap_bytes)
 
     def _sweep(self, now: float) -> None:
         """Punch pages of the pool file that hold data but are not committed: a worker whose view was a step

@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvcached.integration.vllm.plugin import configure_logging
+from kvcached.prefix_blocks import BlockCopier
 from kvcached.prefix_store import PrefixStore, chain_keys, model_fingerprint
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class KVCachedPrefixConnector(KVConnectorBase_V1):
         self._pending_loads: list[tuple[int, str]] = []
         # Worker side.
         self._kv_caches: list[torch.Tensor] = []
-        self._block_dim = 0
+        self._copier: BlockCopier | None = None
         self._failed_loads: set[int] = set()
         self.loaded_blocks = 0
         self.saved_blocks = 0
@@ -216,39 +217,21 @@ class KVCachedPrefixConnector(KVConnectorBase_V1):
             logger.warning("kvcached: %s cannot find the block dimension in %s: sharing off", CONNECTOR_NAME, shape)
             self._enabled = False
             return
-        self._block_dim = dims[0]
-        one = self._kv_caches[0].select(self._block_dim, 0)
+        one = self._kv_caches[0].select(dims[0], 0)
         if one.numel() * one.element_size() != self._part_bytes:
             logger.warning("kvcached: %s: a block of one layer holds %d bytes, not %d: sharing off", CONNECTOR_NAME,
                            one.numel() * one.element_size(), self._part_bytes)
             self._enabled = False
-
-    def _block_views(self, block_id: int) -> list[torch.Tensor]:
-        return [kv.select(self._block_dim, block_id) for kv in self._kv_caches]
-
-    @staticmethod
-    def _direct(view: torch.Tensor) -> memoryview | None:
-        """The block's own memory as a writable byte buffer, when it is host memory in one piece."""
-        if view.device.type != "cpu" or not view.is_contiguous():
-            return None
-        return memoryview(view.view(-1).view(torch.uint8).numpy())
+            return
+        if self._store is not None:
+            self._copier = BlockCopier(self._kv_caches, dims[0], self._part_bytes)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if not isinstance(meta, PrefixConnectorMetadata) or not meta.loads or self._store is None:
+        if not isinstance(meta, PrefixConnectorMetadata) or not meta.loads or self._copier is None:
             return
         for block_id, key in meta.loads:
-            views = self._block_views(block_id)
-            direct = [self._direct(v) for v in views]
-            if all(d is not None for d in direct):
-                ok = self._store.load_into(key, direct)  # type: ignore[arg-type]
-            else:  # a device (or a strided layout): through host memory
-                staging = [torch.empty(self._part_bytes, dtype=torch.uint8) for _ in views]
-                ok = self._store.load_into(key, [memoryview(s.numpy()) for s in staging])
-                if ok:
-                    for view, host in zip(views, staging):
-                        view.copy_(host.view(view.dtype).view(view.shape), non_blocking=False)
-            if ok:
+            if self._copier.load(self._store, key, block_id):
                 self.loaded_blocks += 1
             else:
                 self._failed_loads.add(block_id)
@@ -261,14 +244,10 @@ class KVCachedPrefixConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
-        if not isinstance(meta, PrefixConnectorMetadata) or not meta.saves or self._store is None:
+        if not isinstance(meta, PrefixConnectorMetadata) or not meta.saves or self._copier is None:
             return
         for block_id, key in meta.saves:
-            views = self._block_views(block_id)
-            buffers = [self._direct(v) for v in views]
-            if any(b is None for b in buffers):
-                buffers = [memoryview(v.contiguous().view(-1).view(torch.uint8).cpu().numpy()) for v in views]
-            if self._store.save_from(key, buffers):  # type: ignore[arg-type]
+            if self._copier.save(self._store, key, block_id):
                 self.saved_blocks += 1
 
     def get_block_ids_with_load_errors(self) -> set[int]:
