@@ -128,10 +128,10 @@ def test_notebook03_router_and_sleep(tmp_path: Path) -> None:
 
 
 def test_notebook04_prefix_sharing(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """The prefix-sharing experiment on a few documents: B's greedy answers, with each document loaded from the
-    store, equal A's from its own prefix cache; B computes only the questions (vLLM's counters, not the clock:
-    the TTFT gain is the bench's to measure)."""
-    docs, doc_tokens = 4, 800
+    """The prefix-sharing experiment on 8 documents: B's greedy answers, with each document loaded from the store,
+    equal A's from its own prefix cache; B computes only the questions (vLLM's counters); and B's TTFT is below a
+    cold B's (the direction only: how much lower is the bench's to measure)."""
+    docs, doc_tokens = 8, 600
     result = _execute("04_prefix_sharing", tmp_path, model=str(tiny_model_dir), docs=docs, doc_tokens=doc_tokens,
                       max_tokens=12, kv_cache_gib=0.5)
     summary = _complete_run(result.run_dir, ["A", "B", "B-cold", "A-again"])
@@ -140,6 +140,7 @@ def test_notebook04_prefix_sharing(tmp_path: Path, tiny_model_dir: Path) -> None
     assert b["prompt_tokens_loaded"] >= 0.8 * docs * doc_tokens, "the documents came from the store"
     assert cold["prompt_tokens_loaded"] == 0, "the cold engine has no store"
     assert b["prompt_tokens_computed"] < 0.2 * cold["prompt_tokens_computed"], "B computed the questions only"
+    assert b["ttft_p50_s"] < cold["ttft_p50_s"], "loading a document's KV comes before computing it"
     assert {"ttft_per_document.png", "store_timeline.png"} <= {p.name for p in result.run_dir.iterdir()}
     memory = pd.read_csv(result.run_dir / "memory.csv")
     assert memory[memory.metric == "store_bytes"].value.max() > 0
