@@ -25,25 +25,22 @@ import secrets
 import stat
 import struct
 from array import array
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import xxhash
 
 from kvcached.budget import stores as records
-from kvcached.budget.records import process_start_time
+from kvcached.prefix_files import CHUNK_SUFFIX, ChunkFile, chunk_files, dead_writers_tmp, evict_lru
 from kvcached.shm import OPEN_FLAGS, check_name, sanitize_name, shm_dir
 
 logger = logging.getLogger("kvcached")
 
-CHUNK_SUFFIX = ".kv"
 CHUNK_MAGIC = b"KVCPFX1\0"
 # magic, version, parts, part bytes, key (16), fingerprint (16), xxh3-64 of the payload
 _HEADER = struct.Struct("<8sIIQ16s16sQ")
 HEADER_BYTES = _HEADER.size
 KEY_BYTES = 16
-_TMP_RE = re.compile(r"^\.(?P<key>[0-9a-f]{32})\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
 
 
 def model_fingerprint(**fields: object) -> str:
@@ -80,13 +77,6 @@ def resolve(store: str) -> tuple[str, Path]:
         return f"{sanitize_name(root.name or 'store')[:80]}-{tag}", root
     check_name(store, "prefix store name")
     return store, shm_dir() / "prefix" / store
-
-
-@dataclass(frozen=True)
-class ChunkFile:
-    path: Path
-    size: int
-    mtime: float
 
 
 class PrefixStore:
@@ -307,31 +297,6 @@ class PrefixStore:
         return True
 
 
-def chunk_files(root: Path) -> list[ChunkFile]:
-    """The chunks under a store's directory, oldest use first (never following a link)."""
-    out: list[ChunkFile] = []
-    try:
-        model_dirs = [d for d in os.scandir(root) if d.is_dir(follow_symlinks=False)]
-    except OSError:
-        return out
-    for model_dir in model_dirs:
-        try:
-            entries = list(os.scandir(model_dir.path))
-        except OSError:
-            continue
-        for entry in entries:
-            if not entry.name.endswith(CHUNK_SUFFIX) or entry.name.startswith("."):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                out.append(ChunkFile(Path(entry.path), st.st_size, st.st_mtime))
-    out.sort(key=lambda f: f.mtime)
-    return out
-
-
 def remove_store(store: str) -> None:
     """Remove a store: its chunks, then (through the reaper, which drops records of stores whose directory is gone)
     its record. For a store made for one run; engines still on it just miss from then on."""
@@ -352,40 +317,6 @@ def chunk_shape(path: Path) -> tuple[int, int] | None:
     except (OSError, struct.error):
         return None
     return (parts, part_bytes) if magic == CHUNK_MAGIC else None
-
-
-def evict_lru(root: Path, nbytes: int) -> int:
-    """Remove least recently used chunks of the store at `root` until `nbytes` are freed (or none is left); for a
-    pool of the store's budget group that needs the memory. Returns the bytes removed."""
-    removed = 0
-    for f in chunk_files(root):
-        if removed >= nbytes:
-            break
-        try:
-            os.unlink(f.path)
-            removed += f.size
-        except OSError:
-            continue
-    return removed
-
-
-def dead_writers_tmp(root: Path) -> list[Path]:
-    """Half-written chunks whose writer is gone (its pid no longer runs): `kvctl cleanup` removes them."""
-    out = []
-    try:
-        model_dirs = [d.path for d in os.scandir(root) if d.is_dir(follow_symlinks=False)]
-    except OSError:
-        return out
-    for model_dir in model_dirs:
-        try:
-            names = os.listdir(model_dir)
-        except OSError:
-            continue
-        for name in names:
-            match = _TMP_RE.match(name)
-            if match and process_start_time(int(match["pid"])) is None:
-                out.append(Path(model_dir) / name)
-    return out
 
 
 __all__ = ["CHUNK_SUFFIX", "HEADER_BYTES", "PrefixStore", "chain_keys", "chunk_files", "chunk_shape",

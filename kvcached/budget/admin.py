@@ -339,7 +339,7 @@ def cleanup() -> list[str]:
 
 def reap_locked(directory: Path) -> list[str]:
     """reap() for a caller that holds the create lock."""
-    from kvcached.prefix_store import dead_writers_tmp
+    from kvcached.prefix_files import dead_writers_tmp
 
     removed: list[str] = []
     infos, unreadable = scan_records(directory, fresh=True)

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kvcached.processes import process_start_time
 from kvcached.shm import OPEN_FLAGS, is_valid_name
 from kvcached.units import MAX_BYTES
 
@@ -172,23 +173,6 @@ def check_bytes(value: object, what: str) -> int:
     if not 0 <= value <= MAX_BYTES:
         raise ValueError(f"{what} {value} is outside 0..{MAX_BYTES} bytes (2^63-1): give a size such as 512M or 2G")
     return value
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat); None if gone or a zombie."""
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return None
-    # comm (field 2) may contain spaces and parentheses: fields after it start past the last ')'.
-    try:
-        rest = stat_line[stat_line.rindex(b")") + 2:].split()
-        return None if rest[0] == b"Z" else int(rest[19])
-    except (ValueError, IndexError):
-        return None
 
 
 _alive_cache: dict[tuple[int, int], tuple[bool, float]] = {}

@@ -260,7 +260,7 @@ def reap_stores_locked(directory: Path) -> list[str]:
 def evict_from_group(directory: Path, group: str, nbytes: int) -> int:
     """A pool of `group` needs `nbytes` its cap cannot give: the group's prefix stores give up their least recently
     used chunks first (a cached prefix is worth less than a running request). Returns the bytes freed."""
-    from kvcached.prefix_store import evict_lru
+    from kvcached.prefix_files import evict_lru
 
     freed = 0
     for info in list_stores(group):
