@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("load", help="run a workload against a server; write requests.csv and summary.json",
                        description=__doc__)
-    p.add_argument("--url", required=True, help="server root URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", required=True,
+                   help="the server: its root (http://127.0.0.1:8000) or its /v1 URL, as OpenAI clients take")
     p.add_argument("--model", help="model name to request (default: the first one the server lists)")
     p.add_argument("--duration", type=float,
                    help="seconds of sending (required unless the arrivals end by themselves: trace, "
@@ -20,6 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt-tokens", type=int, default=128,
                    help="synthetic prompts of exactly N tokens, fitted with the server's /tokenize (default 128)")
     g.add_argument("--prompts-file", help="JSONL ({\"prompt\": ...} per line) or text file, one prompt per line")
+    g.add_argument("--tokenizer", metavar="NAME_OR_PATH",
+                   help="a local Hugging Face tokenizer (a model directory, as `vllm bench serve` takes) to fit "
+                        "synthetic prompts exactly when the server has no /tokenize; without it such a server gets "
+                        "approximate lengths, with a warning")
+    g.add_argument("--dataset-name", choices=("random", "sharegpt", "burstgpt"), default="random",
+                   help="random: synthetic prompts (default); sharegpt: the first user turns of a ShareGPT JSON "
+                        "file; burstgpt: replay a BurstGPT CSV trace (its timestamps are the arrivals, its request "
+                        "and response token counts the prompt lengths and max tokens)")
+    g.add_argument("--dataset-path", metavar="FILE", help="the file for --dataset-name sharegpt or burstgpt")
     g.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="stream tokens (needed for TTFT/ITL; default on)")
@@ -72,6 +82,12 @@ def _check_flags(args: argparse.Namespace) -> None:
     check("--concurrency", args.concurrency, whole=True)
     check("--max-tokens", args.max_tokens, whole=True)
     check("--prompt-tokens", args.prompt_tokens, whole=True)
+    if args.dataset_name != "random" and not args.dataset_path:
+        raise ValueError(f"--dataset-name {args.dataset_name} needs --dataset-path FILE")
+    if args.dataset_path and args.dataset_name == "random":
+        raise ValueError("--dataset-path goes with --dataset-name sharegpt or burstgpt")
+    if args.dataset_name != "random" and args.prompts_file:
+        raise ValueError("give either --prompts-file or --dataset-name, not both")
     for flag in ("--slo-ttft", "--slo-tpot", "--slo-e2e"):
         check(flag, getattr(args, flag[2:].replace("-", "_")))
 
@@ -80,22 +96,29 @@ def run(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
     from pathlib import Path
+    from typing import Any
 
     from kvlab.load.arrivals import spec_from_args
     from kvlab.load.client import served_model
     from kvlab.load.metrics import SLO, summarize
-    from kvlab.load.prompts import TokenizeUnavailable
+    from kvlab.load.prompts import TokenizeUnavailable, read_sharegpt
     from kvlab.load.records import RequestsCsvWriter
     from kvlab.load.workload import Target, run_workload
 
     try:
         _check_flags(args)
+        if args.dataset_name == "burstgpt":
+            args.arrival, args.trace_path = "trace", args.dataset_path
         spec = spec_from_args(args)
         spec.trace_rows()  # read now, though the workload reads it again: a bad line must stop us before --out
         model = args.model or served_model(args.url)
-        prompts = Path(args.prompts_file) if args.prompts_file else args.prompt_tokens
+        if args.dataset_name == "sharegpt":
+            prompts: Any = read_sharegpt(args.dataset_path)
+        else:
+            prompts = Path(args.prompts_file) if args.prompts_file else args.prompt_tokens
         target = Target(args.url, model, spec, prompts, max_tokens=args.max_tokens, stream=args.stream,
-                        ignore_eos=args.ignore_eos, series=args.series, endpoint=args.endpoint)
+                        ignore_eos=args.ignore_eos, series=args.series, endpoint=args.endpoint,
+                        tokenizer=args.tokenizer)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         csv_path = out / "requests.csv"
@@ -110,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(records, slo)
     summary.update(t0_monotonic_s=records.t0_s, t0_epoch_s=records.t0_epoch_s, url=args.url, model=model,
                    arrival=asdict(spec), seed=args.seed, max_tokens=args.max_tokens, stream=args.stream,
-                   prompts=str(args.prompts_file) if args.prompts_file else {"tokens": args.prompt_tokens})
+                   prompts=(str(args.prompts_file) if args.prompts_file else
+                            {"dataset": args.dataset_name, "path": args.dataset_path} if args.dataset_path else
+                            {"tokens": args.prompt_tokens, "tokenizer": args.tokenizer}))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -138,7 +138,13 @@ def _trace_count(row: dict, key: str, minimum: int) -> int | None:
     return None if number is None else int(number)
 
 
+# BurstGPT's trace columns, read as ours: its CSV can be replayed as it is downloaded.
+BURSTGPT_COLUMNS = {"Timestamp": "timestamp", "Request tokens": "prompt_tokens", "Response tokens": "output_tokens"}
+
+
 def _trace_row(row: object) -> TraceRow:
+    if isinstance(row, dict) and "timestamp" not in row and "Timestamp" in row:
+        row = {BURSTGPT_COLUMNS.get(k, k): v for k, v in row.items()}
     if not isinstance(row, dict):
         raise ValueError(f"not a JSON object (got {type(row).__name__}); write one object per line, such as "
                          '{"timestamp": 0.5, "prompt_tokens": 128}')
@@ -176,7 +182,8 @@ def read_trace(path: str | Path) -> list[TraceRow]:
     """Rows of a CSV (with a header) or JSONL trace, sorted by timestamp.
 
     Columns/keys: `timestamp` (seconds; absolute or relative, only differences matter), `prompt_tokens` or
-    `prompt`, and `output_tokens`. A bad row is a ValueError that names the file and the line.
+    `prompt`, and `output_tokens`; BurstGPT's CSV (`Timestamp`, `Request tokens`, `Response tokens`) is read as
+    it is. A bad row is a ValueError that names the file and the line.
     """
     path = Path(path)
     if not path.exists():

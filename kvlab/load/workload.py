@@ -36,9 +36,10 @@ class Target:
     """One server and the traffic it gets.
 
     `arrival`: an ArrivalSpec or any iterable of offsets (seconds). `prompts`: an int (synthetic prompts of
-    that many tokens, fitted with the server's /tokenize), a list of strings, a Path to a prompts file, or a
-    PromptSource. `concurrency` caps this target's requests in flight (a wait for a slot delays the send;
-    the schedule stays in `scheduled_s`). `endpoint`: "completions" or "chat".
+    that many tokens, fitted with the server's /tokenize, or with the local `tokenizer` when one is named; with
+    neither, approximated), a list of strings, a Path to a prompts file, or a PromptSource. `concurrency` caps
+    this target's requests in flight (a wait for a slot delays the send; the schedule stays in `scheduled_s`).
+    `endpoint`: "completions" or "chat".
     """
 
     url: str
@@ -53,6 +54,7 @@ class Target:
     endpoint: str = "completions"
     temperature: float = 0.0
     extra_body: dict[str, Any] | None = None
+    tokenizer: str | None = None  # fits synthetic prompts when the server has no /tokenize (name or path)
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("completions", "chat"):
@@ -117,10 +119,11 @@ def plan_workload(targets: Sequence[Target], duration_s: float | None, *, seed: 
                 if row.prompt is not None:
                     prompts[i] = row.prompt
                 elif row.prompt_tokens is not None:
-                    prompts[i] = synthetic_prompt(target.url, target.model, row.prompt_tokens, i, seed + ti)
+                    prompts[i] = synthetic_prompt(target.url, target.model, row.prompt_tokens, i, seed + ti,
+                                                  tokenizer=target.tokenizer)
         missing = [i for i, p in enumerate(prompts) if p is None]
         if missing:
-            source = as_prompt_source(target.prompts)
+            source = as_prompt_source(target.prompts, target.tokenizer)
             fill = source.take(len(missing), url=target.url, model=target.model, seed=seed + ti)
             for i, p in zip(missing, fill):
                 prompts[i] = p

@@ -36,6 +36,7 @@ class FakeOpenAIServer:
 
     token_delay_s: float = 0.0
     first_token_delay_s: float = 0.0
+    tokenize: bool = True  # False: no /tokenize or /detokenize, as most OpenAI-compatible servers that are not vLLM
     arrivals: list[Arrival] = field(default_factory=list)
     url: str = ""
     _vocab: dict[str, int] = field(default_factory=dict)
@@ -49,8 +50,9 @@ class FakeOpenAIServer:
             app = web.Application()
             app.router.add_post("/v1/completions", self._completions)
             app.router.add_post("/v1/chat/completions", self._completions)
-            app.router.add_post("/tokenize", self._tokenize)
-            app.router.add_post("/detokenize", self._detokenize)
+            if self.tokenize:
+                app.router.add_post("/tokenize", self._tokenize)
+                app.router.add_post("/detokenize", self._detokenize)
             self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
             await self._runner.setup()
             site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -115,3 +115,73 @@ def test_load_names_the_bad_line_of_a_trace(fake_openai_server, tmp_path, capsys
                "--out", str(out), "--no-progress"])
     assert rc == 2 and f"{trace}:3:" in capsys.readouterr().err
     assert not out.exists() and fake_openai_server.arrivals == []
+
+
+@pytest.fixture
+def plain_openai_server():
+    """An OpenAI-compatible server with no /tokenize (not vLLM): what many users point `kvlab load` at."""
+    from fake_openai_server import FakeOpenAIServer
+
+    server = FakeOpenAIServer(tokenize=False).start()
+    yield server
+    server.stop()
+
+
+def test_load_drives_a_server_without_tokenize_by_an_approximation_with_one_warning(plain_openai_server, tmp_path,
+                                                                                    capsys):
+    out = tmp_path / "run"
+    rc = main(["load", "--url", plain_openai_server.url + "/v1", "--model", "m", "--arrival", "bursts",
+               "--burst-size", "3", "--burst-every", "1", "--burst-count", "1", "--prompt-tokens", "20",
+               "--max-tokens", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0, "never a refusal"
+    err = capsys.readouterr().err
+    assert err.count("approximation") == 1 and "--tokenizer" in err, err
+    records = read_requests_csv(out / "requests.csv")
+    assert len(records) == 3 and all(r.ok for r in records)
+    assert all(abs(r.prompt_tokens - 20) <= 2 for r in records), "near the length asked for"
+
+
+def test_a_local_tokenizer_fits_prompts_exactly_for_a_server_without_tokenize(plain_openai_server, tmp_path):
+    from kvlab.load.prompts import LocalTokenizer, synthetic_prompt
+    from kvlab.tiny_model import TinyModelSpec, write_tiny_model
+
+    model = tmp_path / "tok-model"
+    write_tiny_model(model, TinyModelSpec(layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64, vocab=512))
+    text = synthetic_prompt(plain_openai_server.url, "m", 40, variant=3, tokenizer=str(model))
+    assert len(LocalTokenizer(str(model)).encode(text, special=True)) == 40
+    out = tmp_path / "run"
+    assert main(["load", "--url", plain_openai_server.url, "--model", "m", "--arrival", "bursts", "--burst-size",
+                 "2", "--burst-every", "1", "--burst-count", "1", "--prompt-tokens", "40", "--tokenizer",
+                 str(model), "--max-tokens", "2", "--out", str(out), "--no-progress"]) == 0
+    assert len(read_requests_csv(out / "requests.csv")) == 2
+    assert main(["load", "--url", plain_openai_server.url, "--model", "m", "--duration", "1", "--tokenizer",
+                 str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r2"), "--no-progress"]) == 2
+
+
+def test_load_takes_sharegpt_and_burstgpt_files(fake_openai_server, tmp_path):
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "one two three"}, {"from": "gpt", "value": "ok"}]},
+        {"conversations": [{"from": "human", "value": "alone"}]},  # no reply: skipped, as vLLM's reader does
+        {"conversations": [{"from": "human", "value": "four five"}, {"from": "gpt", "value": "fine"}]},
+    ]))
+    out = tmp_path / "share"
+    assert main(["load", "--url", fake_openai_server.url, "--model", "m", "--arrival", "bursts", "--burst-size",
+                 "4", "--burst-every", "1", "--burst-count", "1", "--dataset-name", "sharegpt", "--dataset-path",
+                 str(sharegpt), "--max-tokens", "2", "--out", str(out), "--no-progress"]) == 0
+    sent = sorted(a.body["prompt"] for a in fake_openai_server.arrivals)
+    assert sent == ["four five", "four five", "one two three", "one two three"]
+
+    burst = tmp_path / "burstgpt.csv"  # BurstGPT's own columns
+    burst.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                     "100.0,ChatGPT,12,3,15,Conversation log\n100.2,GPT-4,7,5,12,API log\n"
+                     "100.5,ChatGPT,9,0,9,Conversation log\n")
+    out = tmp_path / "burst"
+    assert main(["load", "--url", fake_openai_server.url, "--model", "m", "--dataset-name", "burstgpt",
+                 "--dataset-path", str(burst), "--out", str(out), "--no-progress"]) == 0
+    records = sorted(read_requests_csv(out / "requests.csv"), key=lambda r: r.scheduled_s)
+    assert [r.prompt_tokens for r in records] == [12, 7, 9]
+    assert [r.output_tokens for r in records] == [3, 5, 1], "a failed request's 0 response tokens asks for 1"
+    assert [round(r.scheduled_s - records[0].scheduled_s, 1) for r in records] == [0.0, 0.2, 0.5]
+    assert main(["load", "--url", fake_openai_server.url, "--model", "m", "--dataset-name", "sharegpt",
+                 "--duration", "1", "--out", str(tmp_path / "x"), "--no-progress"]) == 2, "no --dataset-path"
