@@ -77,3 +77,38 @@ def host_room_bytes(region: Any) -> int | None:
     if getattr(region, "backend", "host") != "host":
         return None
     return physical_free_bytes(region)
+
+
+def physical_total_bytes(region: Any) -> int | None:
+    """Total physical memory where the region's pages come from (the host's, or the pool's tmpfs when smaller; the
+    device's for cuda and state), or None when it cannot be read: sizes thresholds to the machine."""
+    backend = getattr(region, "backend", "host")
+    if backend in ("cuda", "state"):
+        try:
+            if backend == "cuda":
+                from kvcached import _core
+                return int(_core.cuda_mem_info(getattr(region, "device", 0))[1])
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(getattr(region, "device", 0))
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        except Exception:  # no NVML, no device: no threshold scaling
+            return None
+    total: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    path = getattr(region, "path", None)
+    if path:
+        try:
+            st = os.statvfs(os.path.dirname(path) or ".")
+            total = min(total or 1 << 62, st.f_blocks * st.f_frsize)
+        except OSError:
+            pass
+    return total

@@ -218,12 +218,17 @@ class BudgetRecord:
             self._rec.floor_bytes = max(0, floor_bytes)
             self._rec.retained_bytes = max(0, retained_bytes)
 
-    def neighbour_demand(self) -> int:
-        """Bytes other live members of this group asked for in the last DEMAND_TTL_S and the cap refused: what this
-        pool should give back from its retained prefix cache."""
+    def neighbour_demands(self) -> list[tuple[tuple[int, int], float, int]]:
+        """Refusals of the other live members of this group in the last DEMAND_TTL_S: (who: pid and start time,
+        when, bytes missing). What this pool may give back from its retained prefix cache; each refusal is one
+        demand, to be served once (a refused engine renews it on its next try if it is still short)."""
         now = time.monotonic()
-        return sum(rec.wanted_bytes for rec in self._other_members()
-                   if rec.wanted_bytes > 0 and 0 <= now - rec.wanted_at < DEMAND_TTL_S)
+        return [((rec.pid, rec.start_time), rec.wanted_at, rec.wanted_bytes) for rec in self._other_members()
+                if rec.wanted_bytes > 0 and 0 <= now - rec.wanted_at < DEMAND_TTL_S]
+
+    def neighbour_demand(self) -> int:
+        """Bytes the group's other members are short of now (the sum of their standing refusals)."""
+        return sum(wanted for _, _, wanted in self.neighbour_demands())
 
     def set_limit(self, num_bytes: int) -> None:
         """Change this pool's own limit, through the admin protocol (under the record's lock)."""

@@ -536,8 +536,12 @@ def test_a_limit_of_zero_leaves_only_the_floor(retaining_pool):
     assert info.reserved_bytes == manager.layout.logical_page_bytes, "only the null block's page: the floor"
 
 
-def test_short_free_memory_gives_the_retained_prefix_cache_back(retaining_pool):
-    pool, manager, _ = retaining_pool("short", min_free_memory=1 << 62)  # more than any machine has free
+def test_short_free_memory_gives_the_retained_prefix_cache_back(retaining_pool, monkeypatch):
+    """The machine's free memory is a TEST DOUBLE here (nothing free): a real shortage cannot be made safely."""
+    from kvcached.integration.vllm import block_pool as elastic_module
+
+    pool, manager, _ = retaining_pool("short", min_free_memory=64 << 20)
+    monkeypatch.setattr(elastic_module, "physical_free_bytes", lambda region: 0)
     cached = _retained(pool, "p", 8)
     pool._kvcached.reclaim_once()
     assert all(b.block_hash is None for b in cached)
@@ -560,3 +564,37 @@ def test_retained_blocks_scattered_over_pages_are_capped_by_the_memory_they_keep
     info = budget.find_instance("scattered")
     assert info.retained_bytes <= 3 * manager.layout.logical_page_bytes
     assert lonely[-1].block_hash is not None, "the most recently used stays"
+
+
+def test_a_neighbours_refusal_is_served_once_not_every_tick(retaining_pool):
+    """The refused engine renews its demand when it tries again; until then, the same refusal must not drain a
+    neighbour's retained cache tick after tick."""
+    first, first_manager, first_record = retaining_pool("giver")
+    second, second_manager, _ = retaining_pool("asker")
+    _retained(first, "doc", 12)
+    page = first_manager.layout.logical_page_bytes
+    budget.set_group_limit("retain", first_record.reserved_bytes + 2 * page)
+    assert second_manager.alloc(8) is None  # one refusal, two pages short
+    first._kvcached.reclaim_once()
+    after_one = budget.find_instance("giver").retained_bytes
+    for _ in range(3):
+        first._kvcached.reclaim_once()
+    assert budget.find_instance("giver").retained_bytes == after_one, "the same refusal was served again"
+    assert after_one > 0, "only what was wanted went"
+
+
+def test_a_request_that_is_not_admitted_keeps_nothing_mapped_and_an_impossible_one_maps_nothing(retaining_pool):
+    pool, manager, record = retaining_pool("waiter")
+    ek = pool._kvcached
+    record.set_limit(3 * manager.layout.logical_page_bytes)
+    live = manager.live_blocks()
+    ek.begin_allocation()
+    ek.note_need(40)  # more than the limit lets it map
+    assert pool.get_num_free_blocks() < 40
+    ek.end_allocation(admitted=False)  # vLLM's allocate_slots returned None: the request waits
+    assert manager.live_blocks() == live, "a waiting request holds no prefetched memory"
+    ek.begin_allocation()
+    ek.note_need(manager.layout.num_blocks + 1)  # vLLM's "not this step"
+    pool.get_num_free_blocks()
+    ek.end_allocation(admitted=False)
+    assert manager.live_blocks() == live

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from kvcached.kv_cache_manager import KVCacheManager
-from kvcached.physical_memory import physical_free_bytes
+from kvcached.physical_memory import physical_free_bytes, physical_total_bytes
 from kvcached.units import parse_size
 
 logger = logging.getLogger("kvcached")
@@ -81,6 +81,10 @@ class ElasticBlockPool:
         self.retention_s = _env_number(RETENTION_ENV, None) if retention_s is None else retention_s
         self.min_free_memory = (_env_number(MIN_FREE_MEMORY_ENV, DEFAULT_MIN_FREE_MEMORY, parse_size)
                                 if min_free_memory is None else min_free_memory)
+        # Short memory is relative to the machine: a small tmpfs (a container's /dev/shm) would otherwise be "short"
+        # for good and retention silently off. At most a tenth of what the pages come from.
+        total = physical_total_bytes(manager.region)
+        self._low_memory = self.min_free_memory if total is None else min(self.min_free_memory, total // 10)
         self._prefetched: list[int] = []
         self._prefetched_at = 0.0
         self._cached_free: dict[int, float] = {}  # block id -> when it became free with a prefix-cache hash
@@ -89,6 +93,9 @@ class ElasticBlockPool:
         # the free count *before* it touches them, so an eviction made to answer that count must spare them, or the
         # request would be handed a prefix whose block was just dropped (and its page maybe remapped, empty).
         self._pinned: frozenset[int] = frozenset()
+        self._count_hits = True
+        self._reserved_blocks = 0
+        self._served: dict[tuple[int, int], float] = {}  # neighbour -> the refusal of theirs last served
         self._on_close = on_close
         self._last_busy = time.monotonic()  # last time a request held a block (the null block aside)
         self._swept = False
@@ -101,17 +108,29 @@ class ElasticBlockPool:
         self._reclaimer.start()
 
     # Called from the vLLM hooks (scheduler thread) --------------------------------------------------------
-    def begin_allocation(self, prefix_hits: frozenset[int] = frozenset()) -> None:
+    def begin_allocation(self, prefix_hits: frozenset[int] = frozenset(), *, count_hits: bool = True,
+                         reserved_blocks: int = 0) -> None:
+        """Inside allocate_slots: `prefix_hits` are spared by evictions; `count_hits` says vLLM counts every one of
+        them as a block to allocate (full attention; a sliding window skips some, so they are not subtracted);
+        `reserved_blocks` is what vLLM keeps back for other requests from the free count (async KV loads)."""
         self._need = 0
         self._pinned = prefix_hits
+        self._count_hits = count_hits
+        self._reserved_blocks = max(0, reserved_blocks)
 
     def note_need(self, num_blocks: int) -> None:
         if self._need is not None:
             self._need = num_blocks
 
-    def end_allocation(self) -> None:
+    def end_allocation(self, admitted: bool = True) -> None:
+        """After allocate_slots. A request that was not admitted keeps nothing mapped for it: blocks prefetched
+        for a wait would hold memory a capped neighbour may need (two engines each holding part of a cap for a
+        request that needs more would wait on each other for good); the next try maps again."""
         self._need = None
         self._pinned = frozenset()
+        if not admitted and self._prefetched:
+            self.manager.free(self._prefetched)
+            self._prefetched = []
 
     def free_block_count(self, vllm_count: int) -> int:
         """What `get_num_free_blocks` answers: mapped blocks for this allocation, or vLLM's own count outside one."""
@@ -119,10 +138,12 @@ class ElasticBlockPool:
             return vllm_count
         # vLLM counts a prefix hit that sits in its free queue as a block to allocate; kvcached already holds its
         # page, so it needs no new one: count it as free and prefetch only for the rest.
-        held_hits = sum(1 for bid in self._pinned if bid in self._cached_free)
-        target = self._need - held_hits + self.watermark_blocks
+        held_hits = sum(1 for bid in self._pinned if bid in self._cached_free) if self._count_hits else 0
+        target = self._need - held_hits + self.watermark_blocks + self._reserved_blocks
         missing = target - len(self._prefetched)
-        if missing > 0:
+        # A need larger than the whole pool (vLLM's way of saying "not this step", or a request that can never
+        # fit) maps nothing and evicts nothing: the answer is a miss either way.
+        if 0 < missing and self._need <= self.manager.layout.num_blocks:
             self._prefetch(missing)
         self._prefetched_at = time.monotonic()
         return len(self._prefetched) + held_hits
@@ -219,16 +240,21 @@ class ElasticBlockPool:
             self.manager.free(gone)
 
     def _pressure(self) -> tuple[str, int] | None:
-        """Why (and how many bytes) memory is wanted now, or None: the retained prefix cache then stays."""
+        """Why (and how many bytes) memory is wanted now, or None: the retained prefix cache then stays. Reads
+        only shared memory and the machine, no vLLM state: called outside `lock`, so a neighbour holding the
+        group's lock never stalls the scheduler."""
         over = self.manager.budget.over_budget()
         if over > 0:
             return "over its limit or group cap", over
-        demand = self.manager.budget.neighbour_demand()
-        if demand > 0:
-            return "a neighbour in its group wants memory", demand
+        fresh = [(who, at, wanted) for who, at, wanted in self.manager.budget.neighbour_demands()
+                 if at > self._served.get(who, float("-inf"))]
+        if fresh:
+            for who, at, _ in fresh:
+                self._served[who] = at  # each refusal is served once; a neighbour still short asks again
+            return "a neighbour in its group wants memory", sum(wanted for _, _, wanted in fresh)
         free = physical_free_bytes(self.manager.region)
-        if free < self.min_free_memory:
-            return "free memory is short", self.min_free_memory - free
+        if free < self._low_memory:
+            return "free memory is short", self._low_memory - free
         return None
 
     def _give_back(self, reason: str, want_bytes: int) -> int:
@@ -264,13 +290,17 @@ class ElasticBlockPool:
 
     def reclaim_once(self) -> None:
         now = time.monotonic()
-        gave_back = False
+        pressure = self._pressure() if self._cached_free else None
+        if pressure is not None:
+            # Warm and emptied pages go first (the trim below): only the rest comes out of the prefix cache.
+            idle = len(self.manager.allocator.idle_pages()) * self.manager.layout.logical_page_bytes
+            pressure = (pressure[0], pressure[1] - idle)
+        gave_back = pressure is not None
         with self.lock:
             self._forget_uncached()
             if self._cached_free:
-                pressure = self._pressure()
-                if pressure is not None:
-                    gave_back = self._give_back(*pressure) > 0
+                if pressure is not None and pressure[1] > 0:
+                    self._give_back(*pressure)
                 self._enforce_cap()
                 if self.retention_s is not None:
                     self._evict_cached(older_than=now - self.retention_s)
@@ -329,6 +359,8 @@ class ElasticBlockPool:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self._reclaimer is not threading.current_thread():
+            self._reclaimer.join(timeout=5.0)  # a tick in progress ends before the manager and the record go
         self.manager.close()
         if self._on_close is not None:
             self._on_close()

@@ -37,6 +37,7 @@ HOOK_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots",
      ("self", "request", "num_new_tokens", "num_new_computed_tokens", "new_computed_blocks")),
     ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator.get_num_blocks_to_allocate", ("self",)),
+    ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager", ()),  # by name, in allocate_slots
     ("vllm.v1.core.sched.scheduler", "Scheduler.__init__", ("self", "vllm_config", "kv_cache_config")),
     ("vllm.v1.core.sched.scheduler", "Scheduler.schedule", ("self",)),
     ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output", ("self",)),
@@ -155,12 +156,20 @@ def _patch_kv_cache_manager(module: ModuleType) -> None:
         ek = _ek(self.block_pool)
         if ek is None:
             return allocate_slots(self, *args, **kwargs)
-        hits = signature.bind(self, *args, **kwargs).arguments.get("new_computed_blocks")
-        ek.begin_allocation(frozenset(b.block_id for group in (hits.blocks if hits is not None else ()) for b in group))
+        bound = signature.bind(self, *args, **kwargs).arguments
+        hits = bound.get("new_computed_blocks")
+        # vLLM counts every free prefix hit as a block to allocate only under full attention (a sliding window
+        # skips some); elsewhere kvcached still spares the hits but does not subtract them.
+        full = all(type(m).__name__ == "FullAttentionManager" for m in self.coordinator.single_type_managers)
+        ek.begin_allocation(frozenset(b.block_id for group in (hits.blocks if hits is not None else ()) for b in group),
+                            count_hits=full, reserved_blocks=int(bound.get("reserved_blocks") or 0))
+        admitted = False
         try:
-            return allocate_slots(self, *args, **kwargs)
+            result = allocate_slots(self, *args, **kwargs)
+            admitted = result is not None
+            return result
         finally:
-            ek.end_allocation()
+            ek.end_allocation(admitted)
 
     cls.allocate_slots = patched_allocate_slots
 
