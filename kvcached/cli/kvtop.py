@@ -68,10 +68,10 @@ def build_frame() -> Group:
                       usage_bar(i.used_bytes, i.reserved_bytes, i.effective_limit_bytes))
     unreadable = budget.list_unreadable()
     for u in unreadable:
-        pools.add_row(Text(f"{u.name} (unreadable)", style="red"), "?", str(u.pid or "?"), "", "", "", "",
+        pools.add_row(Text(f"{u.name} (unreadable)", style="red"), "?", str(u.pid or "?"), *[""] * 6,
                       Text(u.reason[:BAR_WIDTH * 2], style="red"))
     if not instances and not unreadable:
-        pools.add_row("(no pools)", "", "", "", "", "", "", "")
+        pools.add_row("(no pools)", *[""] * 9)
     parts: list = [pools]
     stores = budget.list_stores()
     if stores:

@@ -29,6 +29,17 @@ def report(name: str, measure: Callable[[], dict[str, Any]], print_table: Callab
     return 0
 
 
+def write_and_print(result: dict[str, Any], path: Path, as_json: bool,
+                    print_table: Callable[[dict[str, Any]], None]) -> int:
+    """Write a benchmark's figures to `path` (in its run directory), then print them as JSON or as its table."""
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0
+
+
 def model_path(arg: str | None, purpose: str = "bench") -> str:
     """The model a vLLM benchmark serves: `arg`, else the tiny model `make setup` generates, else a fresh one."""
     if arg:

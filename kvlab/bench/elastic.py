@@ -19,11 +19,10 @@ time, back-to-idle). The table is printed; the figures go to `elastic.json` in t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from kvlab.bench import MODEL_HELP, model_path
+from kvlab.bench import MODEL_HELP, model_path, write_and_print
 
 GOALS = {"fresh": {"output_tokens_per_s": 0.98, "ttft_p50": 1.05},
          "reuse": {"output_tokens_per_s": 0.97, "ttft_p50": 1.1}}
@@ -130,9 +129,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvlab bench elastic: {exc}", file=sys.stderr)
         return 2
     result = result_from_summary(result_run.summary or {}, str(result_run.dir))
-    (result_run.dir / "elastic.json").write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_table(result)
-    return 0
+    return write_and_print(result, result_run.dir / "elastic.json", args.json, _print_table)

@@ -10,11 +10,10 @@ turn instead). The figures go to `elastic.json` in the run directory (plus stdou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from kvlab.bench import model_path
+from kvlab.bench import model_path, write_and_print
 
 GOAL_DECODE_RATIO = 0.98
 GOAL_BACK_TO_IDLE_S = 1.0
@@ -122,9 +121,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvlab bench elastic: {exc}", file=sys.stderr)
         return 2
     result = result_from_summary(result_run.summary or {}, str(result_run.dir))
-    (result_run.dir / "elastic.json").write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_table(result)
-    return 0
+    return write_and_print(result, result_run.dir / "elastic.json", args.json, _print_table)

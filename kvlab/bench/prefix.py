@@ -10,12 +10,11 @@ run directory (stdout with --json).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
 
-from kvlab.bench import MODEL_HELP, model_path
+from kvlab.bench import MODEL_HELP, model_path, write_and_print
 
 GOAL_TTFT_RATIO = 0.3
 GOAL_LOAD_VS_MEMCPY = 0.5
@@ -147,9 +146,4 @@ def run(args: argparse.Namespace) -> int:
     finally:
         remove_store(store)  # the bench's own store goes with it
     result = result_from_run(result_run.summary or {}, throughput, str(result_run.dir))
-    (result_run.dir / "prefix.json").write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_table(result)
-    return 0
+    return write_and_print(result, result_run.dir / "prefix.json", args.json, _print_table)

@@ -131,8 +131,9 @@ def test_a_model_of_another_shape_never_loads_these_chunks(shm_dir):
     assert renamed.get_num_new_matched_tokens(_request("c", doc + [1]), 0) == (0, False)
 
 
-@pytest.mark.faults
-def test_a_corrupt_chunk_is_reported_so_vllm_computes_the_block(shm_dir):
+def _a_stores_a_document_and_b_matches_it():
+    """Engine A computes and stores a 12-token document (3 blocks); engine B, on the same store, is asked the document
+    plus one token and matches the 12. Returns B's scheduler and worker, its prompt and what it matched."""
     doc = list(range(300, 312))
     a_sched, a_worker, *_ = _engine("docs", seed=1)
     a_sched.update_state_after_alloc(_request("a", doc + [1]), _blocks([1, 2, 3, 4]), 0)
@@ -140,6 +141,12 @@ def test_a_corrupt_chunk_is_reported_so_vllm_computes_the_block(shm_dir):
     b_sched, b_worker, *_ = _engine("docs", seed=2)
     prompt = doc + [5]
     matched, _ = b_sched.get_num_new_matched_tokens(_request("b", prompt), 0)
+    return b_sched, b_worker, prompt, matched
+
+
+@pytest.mark.faults
+def test_a_corrupt_chunk_is_reported_so_vllm_computes_the_block(shm_dir):
+    b_sched, b_worker, prompt, matched = _a_stores_a_document_and_b_matches_it()
     assert matched == 12
     key = b_sched._requests["b"].keys[1]
     path = b_sched._store.chunk_path(key)
@@ -175,13 +182,7 @@ def test_a_missing_or_removed_store_never_fails_a_request(shm_dir, tmp_path):
 
 
 def test_a_block_computed_again_after_a_failed_load_is_saved_again(shm_dir):
-    doc = list(range(300, 312))
-    a_sched, a_worker, *_ = _engine("docs", seed=1)
-    a_sched.update_state_after_alloc(_request("a", doc + [1]), _blocks([1, 2, 3, 4]), 0)
-    _step(a_sched, a_worker, _output([_new("a", doc + [1], [1, 2, 3, 4])], scheduled={"a": 13}))
-    b_sched, b_worker, *_ = _engine("docs", seed=2)
-    prompt = doc + [5]
-    matched, _ = b_sched.get_num_new_matched_tokens(_request("b", prompt), 0)
+    b_sched, b_worker, prompt, matched = _a_stores_a_document_and_b_matches_it()
     first = b_sched._store.chunk_path(b_sched._requests["b"].keys[0])
     first.write_bytes(first.read_bytes()[:-1] + b"\0")  # block 0 fails its check: vLLM computes all again
     b_sched.update_state_after_alloc(_request("b", prompt), _blocks([20, 21, 22, 23]), matched)
