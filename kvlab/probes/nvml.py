@@ -179,3 +179,35 @@ def gpu_bytes_of(pids: list[int]) -> int | None:
         return total
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_facts(nvml: Any = None) -> dict[str, Any] | None:
+    """What an install or a dry run needs to know of this machine's NVIDIA side, from NVML: the driver version, the
+    newest CUDA version the driver supports, and per GPU its name, memory and compute capability. None when NVML
+    is absent (no driver, no GPU). `nvml` stands in for the pynvml module (tests pass a fake, named as such)."""
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        driver = nvml.nvmlSystemGetDriverVersion()
+        cuda = int(nvml.nvmlSystemGetCudaDriverVersion())  # e.g. 12040 for CUDA 12.4
+        gpus = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            name = nvml.nvmlDeviceGetName(h)
+            major, minor = nvml.nvmlDeviceGetCudaComputeCapability(h)
+            gpus.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
+                         "memory_total_bytes": int(nvml.nvmlDeviceGetMemoryInfo(h).total),
+                         "compute_capability": (int(major), int(minor))})
+        return {"driver": driver.decode() if isinstance(driver, bytes) else str(driver),
+                "cuda_driver": (cuda // 1000, (cuda % 1000) // 10), "gpus": gpus}
+    except Exception:
+        return None
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass

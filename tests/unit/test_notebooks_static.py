@@ -71,7 +71,7 @@ def test_first_code_cell_installs_only_when_missing(notebook: tuple[Path, nbform
     _, nb = notebook
     first = next(c for c in nb.cells if c.cell_type == "code")
     src = first.source
-    assert "REPO_URL" in src and "except ImportError" in src and "pip" in src and "vllm==0.32.0" in src
+    assert "KVLAB_REPO_URL" in src and "except ImportError" in src and "pip" in src and "ensure_vllm()" in src
     assert nb.cells.index(first) < nb.cells.index(_parameters_cell(nb))
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from kvcached.shm import flag, sanitize_name, shm_dir
 
-SUPPORTED_VLLM = ("0.32",)  # major.minor series whose internals the patches were written and tested against
 DEFAULT_PAGE_SIZE = 2 << 20  # the CUDA VMM granularity on current GPUs; the host backend uses the same size
 ENGINE_NAME_ENV = "KVCACHED_INSTANCE"
 NAME_PREFIX_ENV = "KVCACHED_INSTANCE_NAME"

