@@ -10,18 +10,34 @@ from dataclasses import dataclass
 from typing import Any
 
 GIB = 1 << 30
-# What each notebook runs at once on a GPU with its default parameters: (servers at once, each one's share of the
-# device). Notebook 02 shares one kvcached budget between two engines, each at its share.
-GPU_PLANS = {
-    "01_elastic_vs_static": (1, 0.55),
-    "02_multi_model_colocation": (2, 0.4),
-    "03_router_and_sleep": (2, 0.4),
-    "04_prefix_sharing": (3, 0.28),
+# What each notebook holds at once on a GPU with its default parameters: the engines' models, and either each
+# engine's share of the device (gpu_memory_utilization) or the KV bytes it asks for.
+SMALL, LARGE = "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"
+GPU_PLANS: dict[str, dict[str, Any]] = {
+    "01_elastic_vs_static": {"models": [SMALL], "share": 0.55},  # one server at a time
+    "02_multi_model_colocation": {"models": [SMALL, LARGE], "kv_bytes": 4 * GIB},  # one 4 GiB budget, shared
+    "03_router_and_sleep": {"models": [SMALL, LARGE], "kv_bytes": 2 * 2 * GIB},  # 2 GiB pool each
+    "04_prefix_sharing": {"models": [SMALL] * 3, "share": 0.28},  # A, B and a cold B at once
 }
-# Weights of the default GPU models in 16-bit, plus what a vLLM process holds beside its KV cache (CUDA context,
-# activations): a rough floor for each engine's share.
-MODEL_BYTES = {"Qwen/Qwen2.5-0.5B-Instruct": 1.0 * GIB, "Qwen/Qwen2.5-1.5B-Instruct": 3.1 * GIB}
+# Weights of the default GPU models in 16-bit, and what a vLLM process holds beside weights and KV cache (CUDA
+# context, activations, sampler): a rough floor, enough to tell a plan that fits from one that cannot.
+MODEL_BYTES = {SMALL: 1.0 * GIB, LARGE: 3.1 * GIB}
 ENGINE_OVERHEAD_BYTES = 1.0 * GIB
+
+
+def plan_fits(plan: dict[str, Any], memory: int) -> tuple[bool, str]:
+    """Whether a notebook's engines fit a device of `memory` bytes, and the arithmetic as one line."""
+    engines = len(plan["models"])
+    floor = [MODEL_BYTES[m] + ENGINE_OVERHEAD_BYTES for m in plan["models"]]
+    if "share" in plan:
+        per = plan["share"] * memory
+        fits = engines * plan["share"] <= 0.92 and all(per >= f for f in floor)
+        return fits, (f"{engines} engine(s) x {plan['share']:.2f} of {memory / GIB:.1f} GiB = "
+                      f"{per / GIB:.1f} GiB each; each needs about {max(floor) / GIB:.1f} GiB before its KV cache")
+    total = sum(floor) + plan["kv_bytes"]
+    return total <= 0.92 * memory, (f"{engines} engines: {sum(floor) / GIB:.1f} GiB of weights and overhead + "
+                                    f"{plan['kv_bytes'] / GIB:.1f} GiB of KV = {total / GIB:.1f} GiB of "
+                                    f"{memory / GIB:.1f} GiB")
 
 
 @dataclass(frozen=True)
@@ -51,14 +67,11 @@ def diagnose(facts: dict[str, Any] | None) -> tuple[list[str], list[Check]]:
                          f"compute capability {cc[0]}.{cc[1]}, dtype {dtype}")
         lines.append(f"models: {', '.join(GPU_MODELS)}")
         memory = min(g["memory_total_bytes"] for g in facts["gpus"])
-        for notebook, (servers, share) in GPU_PLANS.items():
-            per_engine = share * memory
-            need = max(MODEL_BYTES.values()) + ENGINE_OVERHEAD_BYTES
-            fits = servers * share <= 0.92 and per_engine >= need
-            lines.append(f"memory plan {notebook}: {servers} engine(s) x {share:.2f} of {memory / GIB:.1f} GiB = "
-                         f"{servers * per_engine / GIB:.1f} GiB; each needs about {need / GIB:.1f} GiB before KV")
-            checks.append(Check(f"memory plan {notebook}", fits,
-                                "fits" if fits else "does not fit: lower the models or raise the GPU's memory"))
+        for notebook, plan in GPU_PLANS.items():
+            fits, arithmetic = plan_fits(plan, memory)
+            lines.append(f"memory plan {notebook}: {arithmetic}")
+            checks.append(Check(f"memory plan {notebook}", fits, "fits" if fits else
+                                "does not fit: pass smaller models or KV sizes to the notebook, or use a larger GPU"))
     try:
         plan = plan_vllm_install(facts)
         lines.append(f"vLLM build: {plan.why}\n  {plan.command()}")
