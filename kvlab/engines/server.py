@@ -276,6 +276,13 @@ class VLLMServer:
                 raise
         return self
 
+    @property
+    def engine_dtype(self) -> str | None:
+        """The dtype vLLM chose for the model (from its engine config line: a T4 has no bfloat16, so vLLM falls back
+        to float16 there by itself); None before start-up has logged it."""
+        match = re.search(r"dtype=torch\.(\w+)", self.read_log())
+        return match.group(1) if match else None
+
     def read_log(self) -> str:
         if not self.log_path or not self.log_path.exists():
             return ""

@@ -34,6 +34,8 @@ def start_colocation(run: Run, models: Sequence[str], *, kvcached: bool, kv_cach
         set_group_limit(colo.ipc_name, int(group_limit_gib * GIB), create=True)
     with run.phase("startup", series="+".join(names)):
         colo.start()
+    for server in colo:
+        run.note_engine(server)
     return colo
 
 

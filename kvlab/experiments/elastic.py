@@ -148,6 +148,7 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                     servers[name] = make(name)
                     with run.phase("startup", series=name):
                         servers[name].start()
+                    run.note_engine(servers[name])
                 with run.sampler([src for n in series for src in sources(n, servers[n])], interval_s=interval_s):
                     for name in series:
                         with run.phase("warmup", series=name):
@@ -169,6 +170,7 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                     server = servers[name] = make(name)
                     with run.phase("startup", series=name):
                         server.start()
+                    run.note_engine(server)
                     with run.sampler(sources(name, server), interval_s=interval_s):
                         with run.phase("warmup", series=name):
                             _warm_up(server, name, burst_size=burst_size, **shape)

@@ -84,6 +84,7 @@ def elastic_abba(model: str, *, device: str = "auto", modes: Mapping[str, tuple[
             try:
                 with run.phase("startup", series=mode):
                     server.start()
+                run.note_engine(server)
                 sources: list[Any] = [HostTreeSource(mode, server, pss_interval_s=None)]
                 if kvcached:
                     sources.append(KvcachedSource(mode, server=server))

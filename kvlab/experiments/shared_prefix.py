@@ -61,6 +61,7 @@ def prefix_sharing(model: str, *, device: str = "auto", docs: int = 8, doc_token
                                            prefix_store_max_bytes=store_max_bytes if shared else None, **common)
                 with run.phase("startup", series=name):
                     servers[name].start()
+                run.note_engine(servers[name])
             a = servers["A"]
             documents = SyntheticPrompts(doc_tokens).take(docs, url=a.url, model=a.model_name, seed=seed)
             sources = [HostTreeSource(n, s, pss_interval_s=None) for n, s in servers.items()]

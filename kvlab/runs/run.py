@@ -100,6 +100,13 @@ class Run:
         self._write_summary({}, STATUS_RUNNING)
 
     # ---- paths
+    def note_engine(self, server: Any) -> None:
+        """Add a started engine's resolved facts to params.json (under `engines`): what it really ran with, such as
+        the dtype vLLM chose on this device."""
+        self.params.setdefault("engines", {})[server.name] = {
+            "dtype": getattr(server, "engine_dtype", None), "kvcached": bool(getattr(server, "kvcached", False))}
+        write_json(self.params_path, self.params)
+
     @property
     def params_path(self) -> Path:
         return self.dir / "params.json"
