@@ -1,4 +1,6 @@
 """A run directory's params record what its engines really ran with."""
+
+
 def test_a_run_notes_the_dtype_its_engine_really_ran_with(tmp_path):
     """vLLM picks float16 by itself on a GPU without bfloat16 (a T4): the run's params say what it chose, read from
     the engine's own config line. The server here is a TEST DOUBLE carrying only a log."""
