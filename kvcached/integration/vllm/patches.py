@@ -160,7 +160,10 @@ def _patch_kv_cache_manager(module: ModuleType) -> None:
         hits = bound.get("new_computed_blocks")
         # vLLM counts every free prefix hit as a block to allocate only under full attention (a sliding window
         # skips some); elsewhere kvcached still spares the hits but does not subtract them.
-        full = all(type(m).__name__ == "FullAttentionManager" for m in self.coordinator.single_type_managers)
+        full = self.__dict__.get("_kvcached_full_attention")
+        if full is None:  # fixed for the manager's life: decided once, not on every allocation
+            full = all(type(m).__name__ == "FullAttentionManager" for m in self.coordinator.single_type_managers)
+            self._kvcached_full_attention = full
         ek.begin_allocation(frozenset(b.block_id for group in (hits.blocks if hits is not None else ()) for b in group),
                             count_hits=full, reserved_blocks=int(bound.get("reserved_blocks") or 0))
         admitted = False
