@@ -1,7 +1,7 @@
 """kvlab: the experiment lab for LLM serving memory (engines, workloads, probes, run directories, router).
 
 Rooms, each a layer that imports only the ones below it (docs/architecture.md):
-    commands, bench, notebooks  ->  experiments  ->  runs  ->  engines  ->  router  ->  probes  ->  load
+    commands  ->  sweeps  ->  bench, notebooks  ->  experiments  ->  runs  ->  engines  ->  router  ->  probes  ->  load
 
 Public names are imported on first use, so `import kvlab` stays fast and never pulls in vLLM or torch.
 """
@@ -28,6 +28,7 @@ _EXPORTS = {
     "Run": "kvlab.runs",
     "load_run": "kvlab.runs",
     "compare": "kvlab.runs",
+    "sweep": "kvlab.sweeps",
     "summary_table": "kvlab.runs",
     "elastic_vs_static": "kvlab.experiments.elastic",
     "prefix_sharing": "kvlab.experiments.shared_prefix",
@@ -38,7 +39,7 @@ _EXPORTS = {
 __all__ = [
     "__version__", "VLLMServer", "Colocation", "ServerError", "diagnose", "send_requests", "wait_ready",
     "ArrivalSpec", "Target", "run_workload", "summarize", "MemorySampler", "Run", "load_run", "compare",
-    "summary_table", "elastic_vs_static", "prefix_sharing", "TinyModelSpec", "write_tiny_model",
+    "summary_table", "sweep", "elastic_vs_static", "prefix_sharing", "TinyModelSpec", "write_tiny_model",
 ]
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from kvlab.load.workload import Target, run_workload
     from kvlab.probes import MemorySampler
     from kvlab.runs import Run, compare, load_run, summary_table
+    from kvlab.sweeps import sweep
     from kvlab.tiny_model import TinyModelSpec, write_tiny_model
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from kvlab.experiments import resolve_device
 
@@ -24,15 +25,37 @@ def pick_device(device: str = "auto") -> str:
 def tiny_model(second: bool = False) -> Path:
     """A tiny offline model, generated on first use: the default one (or $KVLAB_TINY_MODEL), or a second one
     with the Qwen2 architecture and other random weights."""
-    from kvlab.tiny_model import TinyModelSpec, write_tiny_model
+    from kvlab.tiny_model import TinyModelSpec
 
     if second:
         path, spec = SECOND_TINY_MODEL_DIR, TinyModelSpec(arch="qwen2", seed=1)
     else:
         path, spec = Path(os.environ.get("KVLAB_TINY_MODEL", TINY_MODEL_DIR)), TinyModelSpec()
     if not (path / "config.json").exists():
-        write_tiny_model(path, spec)
+        _write_once(path, spec)
     return path
+
+
+def _write_once(path: Path, spec: Any) -> None:
+    """Generate the model beside `path` and move it into place in one rename, so that runs starting together on
+    one node (a sweep) never read a half-written model: the first rename wins and the others drop their copy."""
+    import shutil
+    import tempfile
+
+    from kvlab.tiny_model import write_tiny_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        write_tiny_model(staging, spec)
+        try:
+            os.rename(staging, path)
+        except OSError:
+            if not (path / "config.json").exists():  # not a concurrent winner: an old, half-written directory
+                shutil.rmtree(path, ignore_errors=True)
+                os.rename(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def pick_models(models: str | list[str] | None, device: str, count: int = 1) -> list[str]:

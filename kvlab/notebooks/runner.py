@@ -7,7 +7,6 @@ kvlab, vLLM and torch as the command that launched it, whatever other kernels th
 """
 from __future__ import annotations
 
-import itertools
 import re
 import sys
 import time
@@ -58,20 +57,6 @@ def parse_parameters(pairs: Iterable[Sequence[str]] = (), files: Iterable[Path |
     return params
 
 
-def parse_sweeps(specs: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """`["burst_size=8,16", "max_tokens=32,64"]` -> the cartesian product as one dict per run ([{}] if none)."""
-    axes: list[tuple[str, list[Any]]] = []
-    for spec in specs:
-        key, sep, values = spec.partition("=")
-        if not sep or not key.strip() or not values.strip():
-            raise ValueError(f"--sweep wants KEY=v1,v2,...; got {spec!r}")
-        axes.append((key.strip(), [parse_value(v.strip()) for v in values.split(",")]))
-    keys = [k for k, _ in axes]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"--sweep names a parameter twice: {keys}")
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in axes))]
-
-
 # ---- kernel -------------------------------------------------------------------------------------------------
 
 def ensure_kernel(name: str = KERNEL_NAME) -> str:
@@ -88,9 +73,18 @@ def ensure_kernel(name: str = KERNEL_NAME) -> str:
 
     if current_argv0() == sys.executable:
         return name
+    import fcntl
+    import os
+    import tempfile
+
     from ipykernel.kernelspec import install
 
-    install(kernel_name=name, display_name=f"Python ({name}: {Path(sys.prefix).name})", prefix=sys.prefix)
+    # Runs starting together on one node (a sweep) would otherwise remove and copy the same spec at once.
+    lock_path = Path(tempfile.gettempdir()) / f"kvlab-kernelspec-{os.getuid()}.lock"
+    with open(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if current_argv0() != sys.executable:
+            install(kernel_name=name, display_name=f"Python ({name}: {Path(sys.prefix).name})", prefix=sys.prefix)
     found = current_argv0()
     if found != sys.executable:
         # A user-level spec of the same name shadows the one under sys.prefix.
@@ -149,10 +143,11 @@ class NotebookRun:
     parameters: dict[str, Any]
     elapsed_s: float = 0.0
     failure: CellFailure | None = None
+    error: str | None = None  # a run that ended without a failing cell (its kernel or its Ray worker died)
 
     @property
     def ok(self) -> bool:
-        return self.failure is None
+        return self.failure is None and self.error is None
 
     @property
     def experiment(self) -> str:
@@ -289,6 +284,8 @@ def print_report(runs: Sequence[NotebookRun], console: Any = None) -> None:
         if not r.ok and r.failure is not None:
             console.print(r.failure.report(), highlight=False, markup=False)
             console.print(f"  executed notebook with the traceback: {r.executed}", highlight=False)
+        elif r.error:
+            console.print(f"  {r.error}", highlight=False, markup=False)
         table = summary_rich_table(r.run_dir)
         if table is not None:
             console.print(table)
@@ -297,4 +294,4 @@ def print_report(runs: Sequence[NotebookRun], console: Any = None) -> None:
 
 
 __all__ = ["KERNEL_NAME", "CellFailure", "NotebookRun", "ensure_kernel", "experiment_name", "mark_run_failed",
-           "parse_parameters", "parse_sweeps", "parse_value", "print_report", "run_notebook", "summary_rich_table"]
+           "parse_parameters", "parse_value", "print_report", "run_notebook", "summary_rich_table"]

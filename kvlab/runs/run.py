@@ -30,8 +30,9 @@ STATUS_RUNNING, STATUS_OK, STATUS_FAILED = "running", "ok", "failed"
 
 
 def new_run_id() -> str:
-    """Sortable by time, unique across processes: 20261123-143000-ab12."""
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    """Sortable by time, unique across processes and machines: 20261123-143000-ab12cd34 (32 random bits, so a
+    sweep starting hundreds of runs in one second still gives each its own directory when they are gathered)."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(4)
 
 
 def _jsonable(value: Any) -> Any:

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_testing import make_notebook
 
 from kvlab.cli import main as kvlab_main
 from kvlab.notebooks.runner import (
     ensure_kernel,
     parse_parameters,
-    parse_sweeps,
     parse_value,
     run_notebook,
     summary_rich_table,
 )
+from kvlab.sweeps.grid import parse_sweeps
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -67,19 +68,8 @@ def test_kernel_runs_this_interpreter_and_is_idempotent() -> None:
     assert KernelSpecManager().get_kernel_spec(name).argv[0] == sys.executable
 
 
-def _notebook(path: Path, *cells: tuple[str, str], parameters: str = "x = 1\nrun_dir = None") -> Path:
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell(parameters)
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params] + [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-                           for kind, src in cells]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, str(path))
-    return path
-
-
 def test_run_injects_parameters_and_run_dir(tmp_path: Path) -> None:
-    nb = _notebook(tmp_path / "ok_nb.ipynb", ("code", "import json, pathlib\n"
+    nb = make_notebook(tmp_path / "ok_nb.ipynb", ("code", "import json, pathlib\n"
                    "pathlib.Path(run_dir, 'seen.json').write_text(json.dumps({'x': x, 'run_dir': run_dir}))"))
     result = run_notebook(nb, {"x": 42}, root=tmp_path / "results", progress=False)
     assert result.ok, result.failure
@@ -92,7 +82,7 @@ def test_run_injects_parameters_and_run_dir(tmp_path: Path) -> None:
 
 
 def test_failing_cell_is_reported_with_source_index_and_error(tmp_path: Path) -> None:
-    nb = _notebook(tmp_path / "bad_nb.ipynb", ("md", "prose"), ("code", "y = x + 1"),
+    nb = make_notebook(tmp_path / "bad_nb.ipynb", ("md", "prose"), ("code", "y = x + 1"),
                    ("code", "# the failing cell\nraise ValueError(f'boom {y}')\nprint('never')"),
                    ("code", "open('after', 'w')"))
     result = run_notebook(nb, {"x": 1}, root=tmp_path / "results", progress=False, cwd=tmp_path)
@@ -107,7 +97,7 @@ def test_failing_cell_is_reported_with_source_index_and_error(tmp_path: Path) ->
 
 
 def test_cli_exit_codes_and_failure_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bad = _notebook(tmp_path / "bad.ipynb", ("code", "1 / 0"))
+    bad = make_notebook(tmp_path / "bad.ipynb", ("code", "1 / 0"))
     rc = kvlab_main(["run", str(bad), "--root", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1
@@ -118,7 +108,7 @@ def test_cli_exit_codes_and_failure_output(tmp_path: Path, capsys: pytest.Captur
 
 def test_cli_sweep_runs_each_point_and_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The notebook writes a summary.json in kvlab.runs' shape; the runner prints it as a table.
-    nb = _notebook(tmp_path / "sw.ipynb", ("code", "from kvlab.runs import Run\n"
+    nb = make_notebook(tmp_path / "sw.ipynb", ("code", "from kvlab.runs import Run\n"
                    "run = Run('sw', {'x': x}, run_dir=run_dir)\n"
                    "run.finish({'static': {'idle_mem_mb': 100.0, 'peak_mem_mb': 150.0, 'requests_ok': x},\n"
                    "            'kvcached': {'idle_mem_mb': 20.0, 'peak_mem_mb': 140.0, 'requests_ok': x}})"))
@@ -135,7 +125,7 @@ def test_cli_sweep_runs_each_point_and_prints_summary(tmp_path: Path, capsys: py
 def test_failing_cell_marks_the_runs_summary_failed(tmp_path: Path) -> None:
     # The Run is created in one cell and finished in a later one; a cell failing in between must not leave a
     # summary.json that says "running" forever.
-    nb = _notebook(tmp_path / "dies.ipynb", ("code", "from kvlab.runs import Run\n"
+    nb = make_notebook(tmp_path / "dies.ipynb", ("code", "from kvlab.runs import Run\n"
                    "run = Run('dies', {'x': x}, run_dir=run_dir)"),
                    ("code", "raise RuntimeError('engine gone')"),
                    ("code", "run.finish({})"))
@@ -150,7 +140,7 @@ def test_failing_cell_marks_the_runs_summary_failed(tmp_path: Path) -> None:
 
 def test_a_summary_the_notebook_closed_is_left_alone(tmp_path: Path) -> None:
     # Run as a context manager already marks its own failure (with the real exception); the runner keeps it.
-    nb = _notebook(tmp_path / "closed.ipynb", ("code", "from kvlab.runs import Run\n"
+    nb = make_notebook(tmp_path / "closed.ipynb", ("code", "from kvlab.runs import Run\n"
                    "with Run('closed', {}, run_dir=run_dir) as run:\n"
                    "    raise KeyError('inner')"))
     result = run_notebook(nb, {}, root=tmp_path / "results", progress=False, cwd=tmp_path)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,21 @@ def test_missing_generator_packages_name_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"safetensors: `pip install kvlab\[tiny-model\]`"):
         write_tiny_model(tmp_path / "m")
     assert not (tmp_path / "m").exists(), "nothing is written when the generator cannot run"
+
+
+def test_runs_starting_together_share_one_whole_default_model(tmp_path, monkeypatch):
+    # Sweep runs placed on one node all ask for the default model at once; each must find it whole, and the
+    # losers' copies must not be left behind. A half-written directory (an interrupted old writer) is replaced.
+    target = tmp_path / "models" / "tiny"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"half")
+    code = ("import json, sys; from kvlab.notebooks.defaults import tiny_model; p = tiny_model(); "
+            "json.loads((p / 'config.json').read_text()); assert (p / 'tokenizer.json').is_file(); print(p)")
+    env = {**os.environ, "KVLAB_TINY_MODEL": str(target)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str(target)}
+    assert (target / "model.safetensors").stat().st_size > 1000
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny"]  # no staging copies left
