@@ -45,7 +45,7 @@ src_hash=$( (cat pyproject.toml CMakeLists.txt csrc/*; find kvcached kvlab -name
   | sha1sum | cut -c1-12)
 if [ ! -f "$STAMPS/project-$src_hash" ]; then
   say "installing the project (builds the kvcached extension)"
-  pip install -q -e ".[test]"
+  pip install -q -e ".[test,ray]"  # ray: the sweeps on a local Ray cluster in the unit and server tiers
   rm -f "$STAMPS"/project-*; touch "$STAMPS/project-$src_hash"
 fi
 

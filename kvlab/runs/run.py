@@ -103,9 +103,13 @@ class Run:
     # ---- paths
     def note_engine(self, server: Any) -> None:
         """Add a started engine's resolved facts to params.json (under `engines`): what it really ran with, such as
-        the dtype vLLM chose on this device."""
+        the dtype vLLM chose on this device, and the names it held on the node (its URL, and for kvcached its budget
+        group and record), which runs sharing a node must not share."""
+        kvcached = bool(getattr(server, "kvcached", False))
         self.params.setdefault("engines", {})[server.name] = {
-            "dtype": getattr(server, "engine_dtype", None), "kvcached": bool(getattr(server, "kvcached", False))}
+            "dtype": getattr(server, "engine_dtype", None), "kvcached": kvcached, "url": getattr(server, "url", None),
+            "kvcached_group": getattr(server, "ipc_name", None) if kvcached else None,
+            "kvcached_record": getattr(server, "kvcached_name", None) if kvcached else None}
         write_json(self.params_path, self.params)
 
     @property

@@ -17,4 +17,5 @@ def test_a_run_notes_the_dtype_its_engine_really_ran_with(tmp_path):
     assert server.engine_dtype == "float16"
     run = Run("dtype", {"model": "m"}, root=tmp_path)
     run.note_engine(server)
-    assert json.loads(run.params_path.read_text())["engines"] == {"t4": {"dtype": "float16", "kvcached": False}}
+    assert json.loads(run.params_path.read_text())["engines"] == {"t4": {
+        "dtype": "float16", "kvcached": False, "url": server.url, "kvcached_group": None, "kvcached_record": None}}
