@@ -8,6 +8,8 @@ than RESERVATION_S ago (by then its server listens, and the kernel stops offerin
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import socket
 import stat
@@ -20,6 +22,8 @@ from kvcached.processes import process_start_time
 
 RESERVATION_S = 600.0  # longer than any server takes to bind its port after start (vLLM binds before loading)
 _ports_lock = threading.Lock()
+_warned_untrusted: list[bool] = []
+log = logging.getLogger(__name__)
 _ports_handed_out: set[int] = set()
 
 
@@ -82,9 +86,25 @@ def _reserve(port: int) -> bool:
     """Reserve `port` on this node for this process: True when it is ours now."""
     directory = _private_dir()
     if directory is None:
+        if not _warned_untrusted:
+            _warned_untrusted.append(True)
+            log.warning("port reservations are off: %s is not a private directory of this user, so two processes "
+                        "on this node could be handed the same port (set KVLAB_PORTS_DIR to one)", reservations_dir())
         return True  # nowhere safe to coordinate: fall back to the in-process guard alone
-    _prune(directory)
-    path = directory / str(port)
+    try:
+        lock_fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return True
+    try:
+        # One process at a time decides: two finding the same stale reservation must not both take it over.
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        _prune(directory)
+        return _reserve_locked(directory / str(port))
+    finally:
+        os.close(lock_fd)
+
+
+def _reserve_locked(path: Path) -> bool:
     me = f"{os.getpid()} {process_start_time(os.getpid())} {time.time():.3f}\n"
     for _ in range(2):
         try:

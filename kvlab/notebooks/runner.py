@@ -75,12 +75,13 @@ def ensure_kernel(name: str = KERNEL_NAME) -> str:
         return name
     import fcntl
     import os
-    import tempfile
 
     from ipykernel.kernelspec import install
 
-    # Runs starting together on one node (a sweep) would otherwise remove and copy the same spec at once.
-    lock_path = Path(tempfile.gettempdir()) / f"kvlab-kernelspec-{os.getuid()}.lock"
+    # Runs starting together on one node (a sweep) would otherwise remove and copy the same spec at once. The lock
+    # sits where the spec goes, inside this environment, which nobody else writes.
+    lock_path = Path(sys.prefix) / "share" / "jupyter" / ".kvlab-kernelspec.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if current_argv0() != sys.executable:

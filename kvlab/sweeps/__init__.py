@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 def sweep(target: str | Path | Callable[..., Any], grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
           *, on: str = "local", root: str | Path = "results", shared_root: str | Path | None = None,
-          gpus_per_run: float | None = None, cpus_per_run: float | None = None, memory_per_run: int | None = None,
+          gpus_per_run: float | None = None, cpus_per_run: float | None = None, memory_per_run: int | str | None = None,
           runtime_env: dict[str, Any] | None = None, progress: bool = True) -> Any:
     """Run `target` at every point of `grid` and return a DataFrame: one row per (run, series) with the point's
     parameters, the node, the status and the run's figures (as `kvlab.compare` gives them).
@@ -25,16 +25,19 @@ def sweep(target: str | Path | Callable[..., Any], grid: Mapping[str, Any] | Seq
     grid: {"name": [values...]} (a scalar is fixed for every point), or a list of point dicts.
     on: "local" (here, one after another), "ray" (a local Ray cluster, or $RAY_ADDRESS), or "ray://HOST:PORT".
     shared_root: a results path every node sees (runs write there); without it each run ships back to `root`.
-    gpus_per_run, cpus_per_run, memory_per_run (bytes): what each Ray task asks for; by default a GPU run asks for
-        1 GPU and 1 CPU, a CPU run (vLLM's CPU build) for 1 CPU and 4 GiB.
+    gpus_per_run, cpus_per_run, memory_per_run (bytes, or "8G"): what each Ray task asks for; by default a GPU
+        run asks for 1 GPU and 1 CPU, a CPU run (vLLM's CPU build) for 1 CPU and 4 GiB.
     runtime_env: Ray's runtime environment for the tasks (for example {"pip": [...]}) when the workers lack kvlab.
 
     The sweep's index is `<root>/sweeps/<sweep-id>/sweep.json` beside `summary.csv`; `table.attrs["sweep_dir"]`
     names it. Compare the runs with `kvlab.compare(*table["run_dir"].dropna().unique())`.
     """
+    from kvcached.units import parse_size
     from kvlab.sweeps.driver import run_sweep, sweep_table
     from kvlab.sweeps.grid import expand_grid
 
+    if isinstance(memory_per_run, str):  # "8G", as on the command line
+        memory_per_run = parse_size(memory_per_run)
     outcome = run_sweep([target], expand_grid(grid), on=on, root=root, shared_root=shared_root,
                         gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, memory_per_run=memory_per_run,
                         runtime_env=runtime_env, progress=progress)

@@ -29,7 +29,7 @@ def pack_run_dir(run_dir: Path | str) -> bytes:
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
-            for name in sorted(dirnames) + sorted(filenames):
+            for name in dirnames + sorted(filenames):
                 path = Path(dirpath) / name
                 if path.is_symlink() or not (path.is_file() or path.is_dir()):
                     continue
@@ -77,17 +77,21 @@ def _extract(data: bytes, into: Path) -> None:
 def unpack_run_dir(data: bytes, dest: Path | str) -> Path:
     """Unpack `data` (from pack_run_dir) into the new directory `dest`, which must not exist yet."""
     dest = Path(dest)
-    if dest.exists():
-        raise FileExistsError(f"{dest} already exists: a gathered run never overwrites another")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir()  # claims the name: a run that appears there meanwhile is never replaced
+    except FileExistsError:
+        raise FileExistsError(f"{dest} already exists: a gathered run never overwrites another") from None
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         _extract(data, staging)
+        os.rename(staging, dest)  # onto the empty directory claimed above: the run appears whole, at once
+    except BaseException:
         try:
-            os.rename(staging, dest)
+            dest.rmdir()
         except OSError:
-            raise FileExistsError(f"{dest} appeared while unpacking: a gathered run never overwrites another") \
-                from None
+            pass
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest

@@ -6,10 +6,12 @@ needs, and checks before submitting that some node can give them (Ray would othe
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from kvlab.sweeps.work import PointResult, SweepJob, execute
@@ -18,6 +20,8 @@ GIB = 1 << 30
 DEFAULT_CPU_RUN_MEMORY = 4 * GIB  # a vLLM-CPU engine on the tiny model plus the notebook kernel, with room
 _CLIENT_ADDRESS = re.compile(r"ray://(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})")
 INSTALL_HINT = "pip install 'kvlab[ray]' (or: pip install ray)"
+CANCEL_GRACE_S = 30.0  # for a cancelled run to stop its engines and send back what it wrote
+log = logging.getLogger(__name__)
 
 
 class SweepError(RuntimeError):
@@ -70,7 +74,8 @@ def resources_for(device: str, *, gpus: float | None = None, cpus: float | None 
     """A GPU run asks for a GPU (and a CPU to drive it); a CPU run, made for vLLM's CPU build, asks for a CPU and
     the memory its engine and KV pool take. Each figure can be given instead."""
     for name, value in (("--gpus-per-run", gpus), ("--cpus-per-run", cpus), ("--memory-per-run", memory)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (math.isfinite(value) and value >= 0)):
             raise SweepError(f"{name} must be a finite number >= 0, not {value}")
     if device == "cuda":
         return Resources(num_gpus=1.0 if gpus is None else float(gpus), num_cpus=1.0 if cpus is None else float(cpus),
@@ -86,7 +91,7 @@ def run_local(jobs: Sequence[SweepJob]) -> Iterator[PointResult]:
 
 
 class RayCluster:
-    """A connection to Ray for one sweep: started here (and shut down after) unless Ray was running already."""
+    """A connection to Ray for one sweep, closed after it unless the caller had connected already."""
 
     def __init__(self, on: str, runtime_env: dict[str, Any] | None = None, local_cpus: int | None = None) -> None:
         try:
@@ -94,23 +99,28 @@ class RayCluster:
         except ImportError:
             raise SweepError(f"--on ray needs Ray, which is not installed: {INSTALL_HINT}") from None
         self.ray = ray
-        self.started_here = False
+        self.runtime_env = runtime_env
+        self.connected_here = False
         if ray.is_initialized():
+            # A notebook (or a test) connected already: its connection is the one to use, whatever `on` says.
+            if on.startswith("ray://"):
+                log.warning("Ray is already connected in this process: the sweep runs there, not at %s", on)
             return
-        address = on if on.startswith("ray://") else os.environ.get("RAY_ADDRESS") or None
-        kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": runtime_env}
-        if address is None:
-            # A local cluster of this machine: no dashboard (a web server nobody asked for), a modest object store
-            # (archives of run directories pass through it; Ray spills to disk beyond it).
+        # "local" starts a fresh cluster of this machine even when `ray start` left one running here: `--on ray`
+        # means $RAY_ADDRESS when it is set, and a cluster of the sweep's own otherwise.
+        address = on if on.startswith("ray://") else os.environ.get("RAY_ADDRESS") or "local"
+        kwargs: dict[str, Any] = {"log_to_driver": False}
+        if address == "local":
+            # No dashboard (a web server nobody asked for), a modest object store (archives of run directories pass
+            # through it; Ray spills to disk beyond it).
             kwargs.update(include_dashboard=False, num_cpus=local_cpus, object_store_memory=512 << 20)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            where = address or "a local cluster"
+            where = "a local cluster" if address == "local" else address
             raise SweepError(f"could not connect to Ray at {where}: {e} (is `ray start --head` running there? "
                              f"`ray status` on the head shows the cluster)") from None
-        self.started_here = True
-        self.address = address
+        self.connected_here = True
 
     def nodes(self) -> list[dict[str, float]]:
         """The resources of each live node."""
@@ -130,37 +140,61 @@ class RayCluster:
 
     def run(self, jobs: Sequence[SweepJob], asks: Sequence[Resources]) -> Iterator[PointResult]:
         """Submit every job as a task, then yield results as tasks finish. A task that died (its worker or node
-        lost) comes back as a failed result; stopping the iteration early cancels what has not finished."""
+        lost) comes back as a failed result. Stopping the iteration early (Ctrl-C) cancels what has not finished:
+        politely first, so a run's notebook stops its engines and cleans its staging folder, then by force."""
         ray = self.ray
         remote = ray.remote(execute)
         pending: dict[Any, SweepJob] = {}
         for job, ask in zip(jobs, asks):
             ref = remote.options(num_gpus=ask.num_gpus, num_cpus=ask.num_cpus, memory=ask.memory or None,
-                                 max_retries=0, name=f"kvlab:{job.experiment}:{job.index}").remote(job)
+                                 max_retries=0, name=f"kvlab:{job.experiment}:{job.index}",
+                                 runtime_env=self.runtime_env).remote(job)
             pending[ref] = job
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                # One call returns every run finished within the second: a large sweep does not pay a round trip
+                # over the whole pending list per run.
+                done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0, fetch_local=False)
                 for ref in done:
                     job = pending.pop(ref)
                     try:
-                        yield ray.get(ref)
+                        result = ray.get(ref)
                     except ray.exceptions.RayError as e:
-                        yield PointResult(index=job.index, experiment=job.experiment, run_id=job.run_id,
-                                          params=job.params, ok=False, error=_task_error(e))
+                        result = PointResult(index=job.index, experiment=job.experiment, run_id=job.run_id,
+                                             params=job.params, ok=False, error=_task_error(e, job))
+                    yield _as_submitted(result, job)
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            if pending:
+                refs = list(pending)
+                for ref in refs:
+                    ray.cancel(ref, force=False)
+                _, still = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S, fetch_local=False)
+                for ref in still:
+                    ray.cancel(ref, force=True)
 
     def close(self) -> None:
-        if self.started_here:
+        if self.connected_here:
             self.ray.shutdown()
 
 
-def _task_error(e: BaseException) -> str:
-    """One line for a task that did not return: Ray's class name says why (a worker crash, a lost node, OOM)."""
+def _as_submitted(result: PointResult, job: SweepJob) -> PointResult:
+    """Where a result goes is the caller's decision: a worker's answer never names another place in the tree."""
+    result.index, result.experiment, result.run_id, result.params = job.index, job.experiment, job.run_id, job.params
+    if job.shared_root is not None:
+        result.run_dir = str(Path(job.shared_root) / job.experiment / job.run_id)
+    return result
+
+
+def _task_error(e: BaseException, job: SweepJob) -> str:
+    """One line for a task that did not return: Ray's class name says why (a worker crash, a lost node, OOM), and
+    where what the run wrote before it died stays."""
+    from kvlab.sweeps.work import staging_dir
+
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"the Ray task did not finish: {type(e).__name__}" + (f": {first}" if first else "")
+    where = (f"{Path(job.shared_root) / job.experiment / job.run_id}" if job.shared_root
+             else f"{staging_dir(job.run_id)} on its node")
+    return (f"the Ray task did not finish: {type(e).__name__}" + (f": {first}" if first else "")
+            + f" (what it wrote is in {where})")
 
 
 __all__ = ["DEFAULT_CPU_RUN_MEMORY", "INSTALL_HINT", "RayCluster", "Resources", "SweepError", "parse_on",

@@ -58,7 +58,10 @@ def _jobs_for(target: Any, points: Sequence[Mapping[str, Any]], run_ids: Sequenc
     path = Path(target)
     if not path.is_file():
         raise SweepError(f"notebook {path} not found: pass a path like notebooks/01_elastic_vs_static.ipynb")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SweepError(f"cannot read notebook {path}: {e}") from None
     return [SweepJob(index=first_index + i, experiment=experiment_name(path), run_id=rid, params=dict(p),
                      notebook_name=path.name, notebook_text=text, **common)
             for i, (p, rid) in enumerate(zip(points, run_ids))]
@@ -69,20 +72,24 @@ def check_notebook_parameters(notebook: Path | str, names: Sequence[str]) -> Non
     defaults, which on a cluster costs every run."""
     import papermill
 
-    declared = set(papermill.inspect_notebook(str(notebook)))
+    try:
+        declared = set(papermill.inspect_notebook(str(notebook)))
+    except (OSError, ValueError) as e:  # not JSON, not a notebook, not UTF-8
+        raise SweepError(f"{notebook} is not a readable notebook: {e}") from None
     unknown = sorted(set(names) - declared)
     if unknown:
         raise SweepError(f"{Path(notebook).name} has no parameter {', '.join(map(repr, unknown))}; its parameters: "
                          f"{', '.join(sorted(declared)) or 'none (no cell tagged parameters)'}")
 
 
-def _fresh_run_ids(count: int, root: Path, experiments: Sequence[str]) -> list[str]:
+def _fresh_run_ids(count: int, experiment_dir: Path) -> list[str]:
+    """Run ids picked here, before any run starts: distinct, and new to the tree the runs land in."""
     from kvlab.runs import new_run_id
 
     ids: list[str] = []
     while len(ids) < count:
         rid = new_run_id()
-        if rid not in ids and not (root / experiments[len(ids)] / rid).exists():
+        if rid not in ids and not (experiment_dir / rid).exists():
             ids.append(rid)
     return ids
 
@@ -96,7 +103,7 @@ def gather(result: PointResult, root: Path) -> PointResult:
         try:
             unpack_run_dir(result.archive, dest)
             result.run_dir = str(dest.resolve())
-        except (ArchiveError, FileExistsError) as e:
+        except (ArchiveError, OSError) as e:  # a hostile archive, a run id taken meanwhile, a full disk
             result.ok = False
             result.error = f"{result.error + '; ' if result.error else ''}its run directory did not come back: {e}"
         result.archive = None
@@ -172,13 +179,19 @@ def run_sweep(targets: Sequence[Any], points: Sequence[Mapping[str, Any]], *, on
     jobs: list[SweepJob] = []
     for target in targets:
         name = function_experiment(target) if callable(target) else Path(target).stem
-        ids = _fresh_run_ids(len(points), Path(shared or root), [str(name)] * len(points))
+        ids = _fresh_run_ids(len(points), Path(shared or root) / str(name))
         jobs += _jobs_for(target, points, ids, shared_root=shared if on else str(root.resolve()),
                           kernel_name=kernel_name, first_index=len(jobs))
+    # Every figure is checked before Ray starts: a typo costs nothing.
+    for device in ("cpu", "cuda"):
+        resources_for(device, gpus=gpus_per_run, cpus=cpus_per_run, memory=memory_per_run)
     sweep_id = new_run_id()
     started = time.monotonic()
-    cluster = RayCluster(on, runtime_env=runtime_env, local_cpus=local_cpus) if on else None
+    results: list[PointResult] = []
     asks: list[Resources] = []
+    outcome = SweepOutcome(sweep_id=sweep_id, on=on or "local", results=results, index_dir=root / "sweeps" / sweep_id,
+                           wall_s=0.0)
+    cluster = RayCluster(on, runtime_env=runtime_env, local_cpus=local_cpus) if on else None
     stream = None
     try:
         if cluster is not None:
@@ -189,24 +202,40 @@ def run_sweep(targets: Sequence[Any], points: Sequence[Mapping[str, Any]], *, on
             stream = cluster.run(jobs, asks)
         else:
             stream = run_local(jobs)
-        results = _collect(stream, len(jobs), root, progress)
+        _collect(stream, results, len(jobs), root, progress)
     finally:
+        # Also on Ctrl-C or a fault: the runs still going are cancelled, and the index records every run, the
+        # finished ones with their results and the others as not finished.
         if stream is not None:
-            stream.close()  # on Ctrl-C: cancels the runs still pending
+            stream.close()
         if cluster is not None:
             cluster.close()
-    outcome = SweepOutcome(sweep_id=sweep_id, on=on or "local", results=sorted(results, key=lambda r: r.index),
-                           index_dir=root / "sweeps" / sweep_id, wall_s=time.monotonic() - started,
-                           resources=sorted({a.describe() for a in asks}))
-    _write_index(outcome, root, [function_experiment(t) if callable(t) else str(t) for t in targets])
+        if stream is not None:
+            _add_unfinished(results, jobs)
+            outcome.results = sorted(results, key=lambda r: r.index)
+            outcome.wall_s = time.monotonic() - started
+            outcome.resources = sorted({a.describe() for a in asks})
+            _write_index(outcome, root, [function_experiment(t) if callable(t) else str(t) for t in targets])
     return outcome
 
 
-def _collect(stream: Any, total: int, root: Path, progress: bool) -> list[PointResult]:
-    """Gather results as they come: one bar for the sweep, a line per finished run."""
+def _add_unfinished(results: list[PointResult], jobs: Sequence[SweepJob]) -> None:
+    from kvlab.sweeps.work import staging_dir
+
+    finished = {r.index for r in results}
+    for job in jobs:
+        if job.index not in finished:
+            where = (Path(job.shared_root) / job.experiment / job.run_id if job.shared_root
+                     else f"{staging_dir(job.run_id)} on its node, if it started")
+            results.append(PointResult(index=job.index, experiment=job.experiment, run_id=job.run_id,
+                                       params=job.params, ok=False,
+                                       error=f"cancelled before it finished (what it wrote is in {where})"))
+
+
+def _collect(stream: Any, results: list[PointResult], total: int, root: Path, progress: bool) -> None:
+    """Gather results into `results` as they come: one bar for the sweep, a line per finished run."""
     from tqdm import tqdm
 
-    results: list[PointResult] = []
     with tqdm(total=total, desc="sweep", unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True) \
             as bar:
         for result in stream:
@@ -214,7 +243,6 @@ def _collect(stream: Any, total: int, root: Path, progress: bool) -> list[PointR
             line = _progress_line(result, len(results), total)
             bar.write(line, file=sys.stderr)  # a disabled bar still writes (--no-progress drops only the bar)
             bar.update(1)
-    return results
 
 
 __all__ = ["SweepOutcome", "check_notebook_parameters", "gather", "run_sweep", "sweep_table"]

@@ -57,15 +57,22 @@ def parse_sweeps(specs: Iterable[str] = ()) -> list[dict[str, Any]]:
 
 
 def expand_grid(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
-    """The points of a Python grid: a mapping of name -> list of values (a scalar, or a one-item list, is fixed;
-    wrap a value that is itself a list: {"models": [["a", "b"]]}), or a sequence of point dicts as given."""
+    """The points of a Python grid: a mapping of name -> values (any list, tuple, range or array is an axis; a
+    scalar, a string or a dict is fixed; wrap a value that is itself a list: {"models": [["a", "b"]]}), or a
+    sequence of point dicts as given."""
     if grid is None:
         return [{}]
     if isinstance(grid, Mapping):
         axes = []
         for key, values in grid.items():
             check_name(key)
-            axes.append((key, list(values) if isinstance(values, (list, tuple, range)) else [values]))
+            if isinstance(values, (set, frozenset)):
+                raise GridError(f"the values of {key!r} are a set, whose order changes from run to run: give a list")
+            if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+                values = [values]  # one fixed value
+            # A list, tuple, range, array or generator is an axis; numpy scalars become Python ones, which
+            # papermill writes into the notebook as literals.
+            axes.append((key, [v.item() if hasattr(v, "item") and hasattr(v, "dtype") else v for v in values]))
         return _product(axes)
     if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence):
         raise GridError(f"a grid is a mapping of name -> values or a list of dicts, not {type(grid).__name__}")

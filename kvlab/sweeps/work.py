@@ -2,13 +2,15 @@
 
 A job carries everything the worker needs, so the worker needs no file of the caller's: the notebook's text (not
 its path), or the function itself. The run goes to the shared results path when the sweep has one; otherwise to a
-private staging folder on the worker, and comes back as an archive in the result.
+staging folder on the worker (`kvlab-sweep-<run-id>` in its temp folder), and comes back as an archive in the
+result.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -90,25 +92,37 @@ def _run_function(job: SweepJob, run_dir: Path, cwd: str | None) -> str | None:
         job.fn(**job.params, run_dir=str(run_dir))
     except Exception as e:  # the run failed; a KeyboardInterrupt or SystemExit still stops the worker
         error = f"{type(e).__name__}: {e}"
-        mark_run_failed(run_dir, error, traceback.format_exception(e))
+        lines = "".join(traceback.format_exception(e)).splitlines()
+        mark_run_failed(run_dir, error, lines)
         if not (run_dir / "error.txt").exists():
-            (run_dir / "error.txt").write_text("".join(traceback.format_exception(e)))
+            (run_dir / "error.txt").write_text("\n".join(lines) + "\n")
         return error
     finally:
         os.chdir(here)
     return None
 
 
+def staging_dir(run_id: str) -> Path:
+    """Where a run that ships back writes on its worker: named after the run, so a run whose worker died can be
+    found on its node."""
+    return Path(tempfile.gettempdir()) / f"kvlab-sweep-{run_id}"
+
+
 def execute(job: SweepJob) -> PointResult:
-    """Run the job and report how it ended; a failing run is a result, never an exception."""
+    """Run the job and report how it ended; a failing run is a result, never an exception. A run cancelled midway
+    (Ctrl-C on the caller) leaves its staging folder on the worker."""
+    from kvlab.sweeps.archive import pack_run_dir
+
     cwd = job.cwd if job.cwd and Path(job.cwd).is_dir() else None
-    staging = None if job.shared_root else Path(tempfile.mkdtemp(prefix="kvlab-sweep-"))
+    staging = None if job.shared_root else staging_dir(job.run_id)
     root = Path(job.shared_root) if job.shared_root else staging
     assert root is not None
     run_dir = root / job.experiment / job.run_id
     result = PointResult(index=job.index, experiment=job.experiment, run_id=job.run_id, params=job.params, ok=False,
-                         node=socket.gethostname(), started_s=time.time())
+                         node=_node_name(), started_s=time.time())
     try:
+        if staging is not None:
+            staging.mkdir(mode=0o700)
         if job.notebook_text is not None:
             result.error, result.failure = _run_notebook(job, root, cwd)
         else:
@@ -116,19 +130,27 @@ def execute(job: SweepJob) -> PointResult:
         result.ok = result.error is None
     except Exception as e:  # the kernel died, a notebook that is not JSON, a run directory that exists
         result.error = f"{type(e).__name__}: {e}"
-    finally:
-        result.finished_s = time.time()
-        try:
-            if staging is not None and run_dir.is_dir():
-                from kvlab.sweeps.archive import pack_run_dir
-
-                result.archive = pack_run_dir(run_dir)
-            elif staging is None and run_dir.is_dir():
-                result.run_dir = str(run_dir)
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+    result.finished_s = time.time()
+    if run_dir.is_dir():
+        if staging is not None:
+            result.archive = pack_run_dir(run_dir)
+        else:
+            result.run_dir = str(run_dir)
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def _node_name() -> str:
+    """The host name, with Ray's node id when the run is a Ray task (containers on two machines can share a name)."""
+    host = socket.gethostname()
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; a local sweep need not pay for the import
+    try:
+        if ray is not None and ray.is_initialized():
+            return f"{host} ({ray.get_runtime_context().get_node_id()[:12]})"
+    except Exception:  # not inside a task after all: the host name alone
+        pass
+    return host
 
 
 __all__ = ["PointResult", "SweepJob", "execute"]

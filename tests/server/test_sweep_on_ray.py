@@ -26,14 +26,14 @@ def test_two_point_sweep_of_notebook01_on_local_ray(tmp_path: Path, tiny_model_d
                      "--sweep", "burst_size=4,6", "-p", "device", "cpu", "-p", "model", str(tiny_model_dir),
                      "-p", "kv_cache_gib", "0.25", "-p", "num_bursts", "1", "-p", "burst_every", "2",
                      "-p", "prompt_tokens", "64", "-p", "max_tokens", "8", "-p", "idle_s", "1",
-                     "-p", "reuse", "false", "--no-progress"])
+                     "-p", "reuse", "false", "--cpus-per-run", "1", "--memory-per-run", "2G", "--no-progress"])
     out = capsys.readouterr()
     assert rc == 0, out.err[-3000:]
 
     index = json.loads(next((root / "sweeps").glob("*/sweep.json")).read_text())
     runs = index["runs"]
     assert [r["params"]["burst_size"] for r in runs] == [4, 6] and all(r["ok"] for r in runs), runs
-    # Both ran at once on this node (two CPUs, one asked per run): their spans overlap.
+    # Both ran at once on this node (two CPUs and the memory for both; one CPU and 2 GiB asked per run).
     (a, b) = runs
     assert a["node"] == b["node"]
     overlap = min(a["finished_s"], b["finished_s"]) - max(a["started_s"], b["started_s"])

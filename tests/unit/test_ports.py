@@ -80,4 +80,30 @@ def test_processes_asking_at_once_get_distinct_ports(reservations: Path) -> None
              for _ in range(4)]
     handed = [int(p) for proc in procs for p in proc.communicate(timeout=120)[0].split()]
     assert len(handed) == 160 and len(set(handed)) == 160
-    assert len(list(reservations.iterdir())) == 160
+    assert len([p for p in reservations.iterdir() if p.name.isdigit()]) == 160
+
+
+def test_one_process_at_a_time_takes_over_a_stale_reservation(reservations: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two askers find the same stale reservation; the check is slowed so both are inside it at once. Exactly one
+    # may take the port over: the other must then see the first one's fresh reservation, not remove it.
+    import threading
+
+    reservations.mkdir(mode=0o700)
+    (reservations / "41041").write_text("stale\n")
+    real_alive = ports._holder_alive
+
+    def slow_alive(path: Path) -> bool:
+        if path.read_text() == "stale\n":
+            time.sleep(0.3)
+            return False
+        return real_alive(path)
+
+    monkeypatch.setattr(ports, "_holder_alive", slow_alive)
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(ports._reserve(41041))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, True]

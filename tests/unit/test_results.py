@@ -39,7 +39,7 @@ def test_run_writes_params_env_and_running_summary_at_once(tmp_path: Path) -> No
 def test_run_id_format() -> None:
     rid = new_run_id()
     date, clock, suffix = rid.split("-")
-    assert len(date) == 8 and len(clock) == 6 and len(suffix) == 4
+    assert len(date) == 8 and len(clock) == 6 and len(suffix) == 8  # 32 random bits: a sweep starts many at once
 
 
 def test_records_are_on_disk_immediately(tmp_path: Path) -> None:

@@ -45,7 +45,12 @@ def test_python_grid_fixes_scalars_and_takes_explicit_points() -> None:
     assert expand_grid([{"a": 1}, {"a": 1, "b": 2}]) == [{"a": 1}, {"a": 1, "b": 2}]
     assert expand_grid(None) == [{}]
     assert len(expand_grid({"a": range(3)})) == 3
-    for bad, match in (({"a": []}, "no values"), ([], "no points"), ("a=1", "mapping"), ([1], "not a dict"),
+    import numpy as np
+
+    assert expand_grid({"a": np.array([1, 2])}) == [{"a": 1}, {"a": 2}]
+    assert type(expand_grid({"a": np.array([1])})[0]["a"]) is int  # papermill writes Python literals
+    assert expand_grid({"a": (x for x in "xy"), "d": {"k": 1}}) == [{"a": "x", "d": {"k": 1}}, {"a": "y", "d": {"k": 1}}]
+    for bad, match in (({"a": {1, 2}}, "a set"), ({"a": []}, "no values"), ([], "no points"), ("a=1", "mapping"), ([1], "not a dict"),
                        ({"1a": [1]}, "identifier"), ({"a": list(range(MAX_POINTS + 1))}, "over")):
         with pytest.raises(GridError, match=match):
             expand_grid(bad)
@@ -66,6 +71,9 @@ def test_run_directory_round_trips_without_links(tmp_path: Path) -> None:
     assert not (dest / "link").exists() and not (dest / "link").is_symlink()
     with pytest.raises(FileExistsError, match="never overwrites"):
         unpack_run_dir(pack_run_dir(run), dest)
+    (tmp_path / "back" / "empty").mkdir()  # even an empty directory of that name is someone else's
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        unpack_run_dir(pack_run_dir(run), tmp_path / "back" / "empty")
 
 
 def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
@@ -153,6 +161,10 @@ def test_cli_refuses_bad_sweep_options_before_anything_runs(tmp_path: Path,
         (["-p", "run_dir", "/etc"], "set by kvlab"),
         (["--sweep", "typo=1,2", "--on", "ray"], "has no parameter 'typo'"),
     ]
+    broken = tmp_path / "broken.ipynb"
+    broken.write_text("{not json")
+    assert kvlab_main(["run", str(broken), "--on", "ray", "--root", str(root)]) == 2
+    assert "not a readable notebook" in capsys.readouterr().err
     for extra, match in cases:
         with pytest.raises(SystemExit) if extra[0].endswith("-per-run") else contextlib.nullcontext():
             rc = kvlab_main(["run", str(nb), "--root", str(root), "--no-progress", *extra])
@@ -169,6 +181,32 @@ def test_on_ray_without_ray_says_how_to_install(tmp_path: Path, monkeypatch: pyt
     nb = make_notebook(tmp_path / "nb.ipynb", ("code", "print(x)"))
     assert kvlab_main(["run", str(nb), "--on", "ray", "--root", str(tmp_path / "r")]) == 2
     assert "pip install 'kvlab[ray]'" in capsys.readouterr().err
+
+
+def test_a_workers_answer_never_names_another_place_in_the_tree(tmp_path: Path) -> None:
+    from kvlab.sweeps.backends import _as_submitted
+    from kvlab.sweeps.work import PointResult, SweepJob
+
+    job = SweepJob(index=3, experiment="exp", run_id="rid", params={"x": 1}, shared_root=str(tmp_path))
+    answer = PointResult(index=0, experiment="../..", run_id="../../etc", params={}, ok=True, run_dir="/etc")
+    result = _as_submitted(answer, job)
+    assert (result.index, result.experiment, result.run_id, result.params) == (3, "exp", "rid", {"x": 1})
+    assert result.run_dir == str(tmp_path / "exp" / "rid")
+
+
+def test_an_interrupted_sweep_still_writes_its_index(tmp_path: Path) -> None:
+    import kvlab
+
+    def experiment(run_dir: str, x: int) -> None:
+        if x == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second run
+        Path(run_dir, "done").write_text("1")
+
+    with pytest.raises(KeyboardInterrupt):
+        kvlab.sweep(experiment, {"x": [1, 2, 3]}, root=tmp_path, progress=False)
+    index = json.loads(next((tmp_path / "sweeps").glob("*/sweep.json")).read_text())
+    assert [r["ok"] for r in index["runs"]] == [True, False, False]
+    assert all("cancelled before it finished" in r["error"] for r in index["runs"][1:])
 
 
 # ---- whole sweeps on a local Ray cluster ----------------------------------------------------------------------
@@ -189,8 +227,11 @@ def ray_cluster() -> Any:
     ray.shutdown()
 
 
-def test_notebook_sweep_on_ray_gathers_runs_and_reports_the_failing_cell(
-        tmp_path: Path, ray_cluster: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_notebook_sweep_on_a_ray_cluster_of_its_own_gathers_every_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # First of the Ray tests, before the module's cluster exists: `--on ray` starts a local cluster itself.
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra kvlab[ray]; `make test` installs it")
+    assert not ray.is_initialized()
     nb = make_notebook(tmp_path / "toy.ipynb", *RECORDING_CELLS, parameters="x = 1\nfail = False\nrun_dir = None")
     root = tmp_path / "results"
     rc = kvlab_main(["run", str(nb), "--sweep", "x=1,2,3", "-p", "fail", "false", "--on", "ray",
@@ -208,7 +249,12 @@ def test_notebook_sweep_on_ray_gathers_runs_and_reports_the_failing_cell(
     assert len(table) == 6 and set(table["series"]) == {"static", "kvcached"}
     kvc = table[table["series"] == "kvcached"].sort_values("x")
     assert list(kvc["idle_savings_pct"].round()) == [90.0, 90.0, 90.0]
+    assert not ray.is_initialized()  # the cluster it started is gone with the sweep
 
+
+def test_notebook_sweep_on_ray_reports_the_failing_cell(tmp_path: Path, ray_cluster: Any,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    nb = make_notebook(tmp_path / "toy.ipynb", *RECORDING_CELLS, parameters="x = 1\nfail = False\nrun_dir = None")
     root2 = tmp_path / "results2"
     rc = kvlab_main(["run", str(nb), "--sweep", "fail=false,true", "-p", "x", "7", "--on", "ray",
                      "--root", str(root2), "--memory-per-run", "100M", "--no-progress"])
