@@ -48,12 +48,22 @@ def _write_once(path: Path, spec: Any) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         write_tiny_model(staging, spec)
-        try:
-            os.rename(staging, path)
-        except OSError:
-            if not (path / "config.json").exists():  # not a concurrent winner: an old, half-written directory
-                shutil.rmtree(path, ignore_errors=True)
+        model_files = {p.name for p in staging.iterdir()}
+        for _ in range(2):
+            try:
                 os.rename(staging, path)
+                return
+            except OSError:
+                if (path / "config.json").exists():
+                    return  # another run finished it first: use theirs
+            # A directory without config.json: a model an interrupted writer left half-done is replaced; anything
+            # else is someone's folder, never removed.
+            found = {p.name for p in path.iterdir()} if path.is_dir() else None
+            if found is None or not found <= model_files:
+                raise FileExistsError(f"{path} exists and is not a tiny model: point KVLAB_TINY_MODEL at a new "
+                                      f"directory, or remove that one")
+            shutil.rmtree(path, ignore_errors=True)
+        raise FileExistsError(f"could not move the tiny model into {path}: remove it and run again")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

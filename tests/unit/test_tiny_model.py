@@ -160,3 +160,16 @@ def test_runs_starting_together_share_one_whole_default_model(tmp_path, monkeypa
     assert {out.strip() for out, _ in outs} == {str(target)}
     assert (target / "model.safetensors").stat().st_size > 1000
     assert sorted(p.name for p in target.parent.iterdir()) == ["tiny"]  # no staging copies left
+
+
+def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path, monkeypatch):
+    from kvlab.notebooks.defaults import tiny_model
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    monkeypatch.setenv("KVLAB_TINY_MODEL", str(folder))
+    with pytest.raises(FileExistsError, match="not a tiny model"):
+        tiny_model()
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
