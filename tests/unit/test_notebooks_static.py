@@ -124,4 +124,19 @@ def test_gpu_workflow_runs_the_notebooks_on_a_self_hosted_gpu_runner() -> None:
     upload = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact")]
     assert upload and "results/" in upload[0]["with"]["path"] and upload[0].get("if") == "always()"
     # PyYAML reads the bare key `on` as True; either spelling must hold the triggers.
-    assert (wf.get("on") or wf.get(True))["workflow_dispatch"] is None
+    dispatch = (wf.get("on") or wf.get(True))["workflow_dispatch"]
+    assert set(dispatch["inputs"]) == {"ray_address", "notebook", "grid"}
+    assert dispatch["inputs"]["ray_address"]["default"] == ""  # by hand with no address: the notebooks job
+    assert job["if"] == "inputs.ray_address == ''"
+
+
+def test_gpu_workflow_can_submit_a_sweep_to_a_ray_cluster() -> None:
+    wf = yaml.safe_load((REPO / ".github" / "workflows" / "gpu-notebooks.yml").read_text())
+    job = wf["jobs"]["sweep"]
+    assert job["if"] == "inputs.ray_address != ''"
+    submit = next(s for s in job["steps"] if s.get("name") == "Submit the sweep")
+    # The inputs reach the script only through the environment (never pasted into it), as --sweep items.
+    assert "${{" not in submit["run"] and set(submit["env"]) == {"RAY_ADDRESS", "NOTEBOOK", "GRID"}
+    assert "kvlab run" in submit["run"] and "--on" in submit["run"] and '--sweep "$item"' in submit["run"]
+    upload = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact")]
+    assert upload and upload[0]["with"]["path"] == "results/" and upload[0].get("if") == "always()"
