@@ -34,10 +34,6 @@ class SweepOutcome:
     def failed(self) -> list[PointResult]:
         return [r for r in self.results if not r.ok]
 
-    @property
-    def run_dirs(self) -> list[Path]:
-        return [Path(r.run_dir) for r in self.results if r.run_dir]
-
 
 def function_experiment(fn: Any) -> str:
     """A function's runs go under its name (`elastic_vs_static`); a lambda's or a partial's under "sweep"."""
