@@ -64,3 +64,14 @@ def start_server(tiny_model_dir: Path, server_log_dir: Path) -> Iterator[Callabl
     yield factory
     for server in made:
         server.stop()
+
+
+# The tier runs two files at a time (scripts/run_tests.sh), each file whole on one worker, handed out in collection
+# order: the longest files go first, so the last minutes are not one long file running alone. Measured here.
+LONGEST_FIRST = ("test_sweep_on_ray.py", "test_kvcached_vllm.py", "test_notebooks.py", "test_kvcached_full_tmpfs.py",
+                 "test_server_lifecycle.py", "test_prefix_sharing.py", "test_router_server.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file
