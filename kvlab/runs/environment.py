@@ -16,10 +16,10 @@ from typing import Any, Mapping
 from kvcached.env import KNOB_NAMES
 from kvlab.probes.nvml import gpu_inventory
 
-# What changes memory or the code path of a served run: every variable kvcached reads, the devices, and the
-# vLLM knobs the lab's engines set.
+# What changes memory, speed or the code path of a served run: every variable kvcached reads, the devices, the
+# CPU threads, and the vLLM knobs the lab's engines set.
 SERVING_VARIABLES: frozenset[str] = KNOB_NAMES | {
-    "CUDA_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
     "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PLUGINS", "VLLM_USE_V1", "VLLM_ATTENTION_BACKEND",
     "VLLM_TARGET_DEVICE", "VLLM_SERVER_DEV_MODE", "VLLM_ENABLE_V1_MULTIPROCESSING",
 }

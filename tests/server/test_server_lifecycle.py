@@ -65,17 +65,6 @@ def test_process_tree_is_one_group_under_the_launcher(static_server: VLLMServer)
     assert env["ENABLE_KVCACHED"] == "false"
 
 
-def test_stop_leaves_no_process_and_is_idempotent(start_server):
-    server = start_server(name="stop-me")
-    assert server.startup_s and server.startup_s > 0 and server.is_running()
-    pids = server.pids(include_launcher=True)
-    assert len(pids) >= 4  # launcher, API server, EngineCore, worker
-    server.stop()
-    assert wait_gone(pids, 5) == []
-    assert not server.is_running()
-    server.stop()  # a second stop is a no-op
-
-
 def test_engine_death_is_a_server_error_naming_it(start_server):
     server = start_server(name="engine-dies")
     server.complete("warm up", max_tokens=2)
@@ -140,6 +129,8 @@ def test_port_in_use_is_a_clear_error(start_server):
 
 
 def test_colocation_shares_one_ipc_name_and_stops_all(tiny_model_dir: Path, server_log_dir: Path):
+    """Also the stop test of a single server (each engine start costs a minute of CI): stop leaves no process of
+    the tree, and a second stop is a no-op."""
     model = str(tiny_model_dir)
     colo = Colocation([{"model": model, "name": "a"}, {"model": model, "name": "b"}], kvcached=True,
                       kv_cache_gib=TEST_POOL_GIB, log_dir=server_log_dir, progress=False)
@@ -150,6 +141,14 @@ def test_colocation_shares_one_ipc_name_and_stops_all(tiny_model_dir: Path, serv
         outputs = colo.send_requests(["The capital of France is", "Hello"], max_tokens=8)
         # Same model, greedy: both servers answer alike.
         assert outputs["a"] == outputs["b"] and all(outputs["a"])
-        pids = [p for s in colo for p in s.pids(include_launcher=True)]
-    assert wait_gone(pids, 5) == []
+        trees = {s.name: s.pids(include_launcher=True) for s in colo}
+        assert all(s.startup_s and s.startup_s > 0 and s.is_running() for s in colo)
+        assert all(len(pids) >= 4 for pids in trees.values()), trees  # launcher, API server, EngineCore, worker
+        first = colo["a"]
+        first.stop()
+        assert wait_gone(trees["a"], 5) == [] and not first.is_running()
+        assert colo["b"].is_running(), "stopping one server leaves the other alone"
+        first.stop()  # a second stop is a no-op
+    assert wait_gone([p for pids in trees.values() for p in pids], 5) == []
+    assert not any(s.is_running() for s in colo)
 

@@ -23,6 +23,10 @@ CONTRACT_KEYS = ("idle_mem_mb", "peak_mem_mb", "ttft_p50_s", "ttft_p99_s", "late
                  "requests_ok", "requests_failed")
 
 
+# Seven engine starts (two for each run's static and kvcached series, three for the reuse phase's modes), two
+# notebook kernels and a Ray cluster on a 2-core machine, beside another test file's engines: more than the tier's
+# 15 minutes per test, which stays the guard against a hang everywhere else.
+@pytest.mark.timeout(1800)
 def test_notebook01_sweep_on_local_ray(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("ray", reason="Ray is the optional extra kvlab[ray]; `make test` installs it")

@@ -17,7 +17,7 @@ from notebook_testing import make_notebook
 
 from kvlab.cli import main as kvlab_main
 from kvlab.sweeps.archive import ArchiveError, pack_run_dir, unpack_run_dir
-from kvlab.sweeps.backends import Resources, SweepError, parse_on, resources_for, run_device
+from kvlab.sweeps.backends import Resources, SweepError, parse_on, resources_for, run_device, task_runtime_env
 from kvlab.sweeps.grid import MAX_POINTS, GridError, expand_grid, parse_sweeps
 
 # ---- grids ----------------------------------------------------------------------------------------------------
@@ -148,6 +148,23 @@ def test_a_run_asks_for_a_gpu_or_for_cpu_and_memory() -> None:
             resources_for("cpu", cpus=bad)
 
 
+def test_a_cpu_run_computes_unpinned_on_the_cpus_it_asked_for() -> None:
+    # vLLM-CPU would pin every engine of the node to the same cores; a CPU run gets as many threads as CPUs asked.
+    assert task_runtime_env(Resources(num_cpus=4), None, environ={}) == {
+        "env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "4"}}
+    assert task_runtime_env(Resources(num_cpus=0.5), None, environ={})["env_vars"]["OMP_NUM_THREADS"] == "1"
+    # What the caller set wins: its runtime_env, or its own environment (then nothing is added for that name).
+    given = {"pip": ["x"], "env_vars": {"OMP_NUM_THREADS": "8"}}
+    assert task_runtime_env(Resources(num_cpus=2), given, environ={}) == {
+        "pip": ["x"], "env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "8"}}
+    assert given == {"pip": ["x"], "env_vars": {"OMP_NUM_THREADS": "8"}}, "the caller's dict is not changed"
+    mine = {"VLLM_CPU_OMP_THREADS_BIND": "0-3", "OMP_NUM_THREADS": "4"}
+    assert task_runtime_env(Resources(num_cpus=2), None, environ=mine) is None
+    # A GPU run computes on its GPU: its runtime_env is the caller's alone.
+    assert task_runtime_env(Resources(num_gpus=1), None, environ={}) is None
+    assert task_runtime_env(Resources(num_gpus=1), given, environ={}) == given
+
+
 def test_cli_refuses_bad_sweep_options_before_anything_runs(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     nb = make_notebook(tmp_path / "nb.ipynb", ("code", "print(x)"))
@@ -268,8 +285,12 @@ def test_notebook_sweep_on_ray_reports_the_failing_cell(tmp_path: Path, ray_clus
     assert bad[0]["failure"]["cell_index"] == 2 and bad[0]["failure"]["ename"] == "ValueError"
 
 
-def test_function_sweep_on_ray_returns_a_table_and_survives_a_dead_worker(tmp_path: Path, ray_cluster: Any) -> None:
+def test_function_sweep_on_ray_returns_a_table_and_survives_a_dead_worker(tmp_path: Path, ray_cluster: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import kvlab
+
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
 
     def experiment(run_dir: str, x: int, die: bool = False) -> None:
         from kvlab.runs import Run
@@ -288,6 +309,9 @@ def test_function_sweep_on_ray_returns_a_table_and_survives_a_dead_worker(tmp_pa
     assert list(rows[rows["ok"]]["requests_ok"]) == [1, 3]
     gathered = [d for d in rows["run_dir"].dropna()]
     assert len(kvlab.compare(*gathered)) == 2
+    for d in gathered:  # each CPU run computed unpinned, on the one CPU it asked for (env.json is the worker's)
+        env = json.loads((Path(d) / "env.json").read_text())["env"]
+        assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["OMP_NUM_THREADS"]) == ("nobind", "1"), env
     assert (Path(table.attrs["sweep_dir"]) / "sweep.json").is_file()
 
 
