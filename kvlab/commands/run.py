@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-run", type=_amount, metavar="N",
                    help="with --on ray: GPUs each run asks for (default: 1 when the run is on a GPU, else 0)")
     p.add_argument("--cpus-per-run", type=_amount, metavar="N", help="with --on ray: CPUs each run asks for "
-                                                                       "(default: 1)")
+                                                                       "(default: 1); a CPU run's engines compute "
+                                                                       "on that many threads, unpinned")
     p.add_argument("--memory-per-run", type=_size, metavar="SIZE",
                    help="with --on ray: memory each run asks for, like 8G (default: 4G for a CPU run, none on GPU)")
     p.add_argument("--kernel", help="Jupyter kernel to use (default: a 'kvlab' kernel running this Python, "

@@ -74,11 +74,17 @@ def test_a_directory_others_can_write_is_not_trusted(reservations: Path, monkeyp
 
 
 def test_processes_asking_at_once_get_distinct_ports(reservations: Path) -> None:
+    # Every asker stays alive until all have their ports, as a server's launcher does while its server runs: a
+    # reservation ends with its holder, so a port of one that already exited may rightly be handed out again.
     code = ("import sys; from kvlab.engines.ports import free_port; "
-            "print(' '.join(str(free_port()) for _ in range(40)))")
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=os.environ)
-             for _ in range(4)]
-    handed = [int(p) for proc in procs for p in proc.communicate(timeout=120)[0].split()]
+            "print(' '.join(str(free_port()) for _ in range(40)), flush=True); sys.stdin.read()")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=os.environ) for _ in range(4)]
+    try:
+        handed = [int(p) for proc in procs for p in proc.stdout.readline().split()]
+    finally:
+        for proc in procs:
+            proc.communicate(timeout=120)  # closes its stdin: it exits
     assert len(handed) == 160 and len(set(handed)) == 160
     assert len([p for p in reservations.iterdir() if p.name.isdigit()]) == 160
 
