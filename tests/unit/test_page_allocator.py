@@ -35,6 +35,19 @@ def test_acquire_maps_every_layer_and_release_unmaps(shm_dir, region_kind):
     rec.close()
 
 
+def test_stats_count_the_region_pages_mapped_and_unmapped_and_their_time(shm_dir, region_kind):
+    """What an engine logs when it stops: the cost of elasticity per page, counted at the backend call."""
+    lay, region, rec, alloc = _setup(region_kind)
+    assert alloc.acquire_pages([1, 3])
+    assert alloc.stats().map_pages == 4 and alloc.stats().unmap_pages == 0  # 2 logical pages x 2 layers
+    alloc.release_pages([1, 3])
+    stats = alloc.stats()
+    assert (stats.map_pages, stats.unmap_pages) == (4, 4)
+    assert stats.map_s > 0 and stats.unmap_s > 0
+    alloc.close()
+    rec.close()
+
+
 def test_idle_pages_wait_for_the_delay_then_go(shm_dir, region_kind):
     lay, region, rec, alloc = _setup(region_kind, reclaim_delay_s=0.2, background=True)
     assert alloc.acquire_pages([0])

