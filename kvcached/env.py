@@ -32,6 +32,8 @@ KNOBS: tuple[Knob, ...] = (
          "seconds", "unset (no clock)"),
     Knob("KVCACHED_MIN_FREE_MEMORY", "below this much free host (or device) memory, retained prefix cache is given "
          "back", "512M"),
+    Knob("KVCACHED_TRY_VLLM", "1: patch a vLLM release the version table has read but not run (to gather the "
+         "evidence that moves it into the supported range)", ""),
     Knob("KVCACHED_LOG_LEVEL", "log level of the `kvcached` logger inside engines (DEBUG, INFO, WARNING...)", "INFO"),
     Knob("KVCACHED_SANITY_CHECK", "accepted for compatibility with upstream kvcached fleet files; no effect here", ""),
 )

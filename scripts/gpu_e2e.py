@@ -143,12 +143,16 @@ def step_parity(out: Path, model: Path, result: dict) -> dict:
     from kvcached.budget import find_instance, set_limit
     from kvlab.engines.server import VLLMServer
 
+    # The KV pool in bytes: two engines starting at once on one GPU see each other's memory in vLLM's profile
+    # ("No available memory for the cache blocks" with only --gpu-memory-utilization, seen on the H200); the share
+    # is then only vLLM's start-up check that this much is free.
     args = ["--gpu-memory-utilization", "0.3", "--max-model-len", "4096"]
     servers = {
         name: VLLMServer(str(model), kvcached=(name == "kvcached"), enforce_eager=False, args=args, name=name,
+                         kv_cache_gib=16,
                          log_dir=out / "logs", env={"VLLM_CACHE_ROOT": f"/tmp/vllm-cache-{name}"}, progress=False)
         for name in ("static", "kvcached")}
-    result.update({"args": args, "mode": "vLLM defaults: torch.compile and CUDA graphs"})
+    result.update({"args": args, "kv_cache_gib": 16, "mode": "vLLM defaults: torch.compile and CUDA graphs"})
     try:
         for server in servers.values():
             server.start(wait=False)

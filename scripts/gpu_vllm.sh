@@ -92,9 +92,9 @@ export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 EOF
   # shellcheck disable=SC1091
   source "$GPU_HOME/env.sh"
-  python3 -c "import torch, vllm, kvlab, kvcached._core as c; \
+  (cd / && python3 -c "import torch, vllm, kvlab, kvcached._core as c; \
     print('vllm', vllm.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available(), \
-          '| kvcached cuda backend', c.cuda_available())"
+          '| kvcached cuda backend', c.cuda_available())")  # from / : never the checkout's unbuilt kvcached
   say "ready: source $GPU_HOME/env.sh"
 }
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from kvlab.experiments.common import resolve_device, wait_alive
 from kvlab.probes import (
+    GPU_PROCESS_BYTES,
     KV_FLOOR_BYTES,
     KV_RESERVED_BYTES,
     KV_RETAINED_BYTES,
@@ -187,7 +188,11 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
         finally:
             for server in servers.values():
                 server.stop()
-        run.finish(_summaries(run, series, extra, settle_margin_mb * MB), bursts_s=bursts_s, interleave=interleave)
+        # On a GPU the memory that matters is the device's: each server's NVML per-process use. Host memory stays
+        # in memory.csv (mem_bytes) for both.
+        metric = GPU_PROCESS_BYTES if device == "cuda" else MEM_BYTES
+        run.finish(_summaries(run, series, extra, settle_margin_mb * MB, metric), bursts_s=bursts_s,
+                   interleave=interleave, memory_metric=metric)
     if figures:
         from kvlab.runs.plots import save_run_figures
 
@@ -230,23 +235,23 @@ def _worse(*values: float | None) -> float | None:
 
 
 def _summaries(run: Run, series: Sequence[str], extra: dict[str, dict[str, Any]],
-               margin: float) -> dict[str, dict[str, Any]]:
+               margin: float, metric: str = MEM_BYTES) -> dict[str, dict[str, Any]]:
     memory = run.memory()
     out: dict[str, dict[str, Any]] = {}
     for name in series:
         recs = [r for r in run.records if r.series == name]
-        s = run.series_summary(name)
+        s = run.series_summary(name, metric=metric)
         s.update(extra.get(name, {}))
         s["decode_tokens_per_s"] = decode_tokens_per_s(recs)
         per_burst = burst_decode_tokens_per_s(recs)
         s["burst_decode_tokens_per_s"] = per_burst
         s["burst_decode_tokens_per_s_median"] = float(statistics.median(per_burst)) if per_burst else None
         last_end = s.get("last_request_end_s")
-        idle = _phase_idle(memory, name, MEM_BYTES, run.phases)
-        s["back_to_idle_s"] = (time_back_to_idle(memory, name, MEM_BYTES, last_end, idle, margin)
+        idle = _phase_idle(memory, name, metric, run.phases)
+        s["back_to_idle_s"] = (time_back_to_idle(memory, name, metric, last_end, idle, margin)
                                if last_end is not None and idle is not None else None)
         s["settle_margin_mb"] = margin / MB
-        s["after_cooldown_mem_mb"] = (v / MB) if (v := _last_value(memory, name, MEM_BYTES)) is not None else None
+        s["after_cooldown_mem_mb"] = (v / MB) if (v := _last_value(memory, name, metric)) is not None else None
         kv_idle = _phase_idle(memory, name, KV_RESERVED_BYTES, run.phases)
         pool = _last_value(memory, name, "kv_virtual_bytes")
         if kv_idle is not None and pool:

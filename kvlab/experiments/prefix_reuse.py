@@ -78,7 +78,9 @@ def elastic_abba(model: str, *, device: str = "auto", modes: Mapping[str, tuple[
             if progress:
                 print(f"block {index + 1}/{len(order)}: {mode}", flush=True)
             server = VLLMServer(str(model), name=f"{mode}-{index + 1}", kvcached=kvcached, env=dict(env),
-                                kv_cache_gib=kv_cache_gib if device == "cpu" else None,
+                                # On a GPU the pool is kv_cache_gib too, unless a share of the GPU sizes it.
+                                kv_cache_gib=kv_cache_gib if device == "cpu" or gpu_memory_utilization is None
+                                else None,
                                 args=_gpu_args(device, gpu_memory_utilization) + list(server_args),
                                 log_dir=run.dir / "logs", progress=progress)
             try:

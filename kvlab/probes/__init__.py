@@ -12,6 +12,7 @@ from kvlab.probes.kvcached_records import KvcachedSource, PrefixStoreSource
 from kvlab.probes.nvml import NvmlSource
 from kvlab.probes.proc import HostTreeSource, process_tree
 from kvlab.probes.protocol import (
+    GPU_PROCESS_BYTES,
     GPU_USED_BYTES,
     KV_FLOOR_BYTES,
     KV_RESERVED_BYTES,
@@ -26,7 +27,7 @@ from kvlab.probes.sampler import CSV_COLUMNS, MemorySampler, Sample, read_memory
 from kvlab.probes.vllm_metrics import VllmMetricsSource
 
 __all__ = [
-    "CSV_COLUMNS", "GPU_USED_BYTES", "KV_FLOOR_BYTES", "KV_RESERVED_BYTES", "KV_RETAINED_BYTES",
+    "CSV_COLUMNS", "GPU_PROCESS_BYTES", "GPU_USED_BYTES", "KV_FLOOR_BYTES", "KV_RESERVED_BYTES", "KV_RETAINED_BYTES",
     "MEM_BYTES", "PSS_MEM_BYTES", "HostTreeSource",
     "KvcachedSource", "MemorySampler", "PrefixStoreSource", "NvmlSource", "Probe", "Reading", "Sample", "Source",
     "VllmMetricsSource", "process_tree", "read_memory_csv",

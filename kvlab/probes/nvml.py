@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.probes.proc import process_tree
-from kvlab.probes.protocol import GPU_USED_BYTES, Probe, Reading
+from kvlab.probes.protocol import GPU_PROCESS_BYTES, GPU_USED_BYTES, Probe, Reading
 
 
 def visible_devices(nvml: Any, cuda_visible_devices: str | None) -> list[tuple[int, str]]:
@@ -120,7 +120,7 @@ class NvmlSource:
         for series, target in self.processes.items():
             root = target if isinstance(target, int) else getattr(target, "pid", None)
             tree = process_tree(root) if root else []
-            out.append((series, "gpu_process_bytes", float(sum(used_by_pid.get(p, 0) for p in tree))))
+            out.append((series, GPU_PROCESS_BYTES, float(sum(used_by_pid.get(p, 0) for p in tree))))
         return out
 
     def probes(self) -> list[Probe]:

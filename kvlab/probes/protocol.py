@@ -15,6 +15,7 @@ KV_RESERVED_BYTES = "kv_reserved_bytes"
 KV_FLOOR_BYTES = "kv_floor_bytes"
 KV_RETAINED_BYTES = "kv_retained_bytes"
 GPU_USED_BYTES = "gpu_used_bytes"
+GPU_PROCESS_BYTES = "gpu_process_bytes"  # one server's GPU memory: NVML's per-process use over its process tree
 
 Reading = tuple[str, str, float]  # (series, metric, value)
 

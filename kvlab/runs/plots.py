@@ -161,13 +161,15 @@ def stacked_memory(memory: Any, *, metric: str = MEM_BYTES, series: Sequence[str
     return _save(fig, path)
 
 
-def save_run_figures(run: Any, *, metric: str = MEM_BYTES, bursts_s: Sequence[float] = ()) -> list[Path]:
+def save_run_figures(run: Any, *, metric: str | None = None, bursts_s: Sequence[float] = ()) -> list[Path]:
     """Draw every figure a run's data allows into its directory; returns the PNG paths.
 
-    `run` is a Run, a RunData or a run directory."""
+    `run` is a Run, a RunData or a run directory. The memory figures show `metric`, by default the one the run's
+    summary names (`memory_metric`: each server's GPU memory on a GPU), else host memory."""
     from kvlab.runs.reading import load_run
 
     data = load_run(run)
+    metric = metric or data.summary.get("memory_metric") or MEM_BYTES
     t0 = data.summary.get("t0_s")
     out: list[Path] = []
     plt = _pyplot()

@@ -108,3 +108,31 @@ def test_elastic_abba_refuses_bad_arguments_before_starting_anything(tmp_path) -
     with pytest.raises(ValueError, match="pause_s"):
         elastic_abba("m", device="cpu", pause_s=float("nan"), root=tmp_path)
     assert not any(tmp_path.iterdir()), "no run directory for a refused call"
+
+
+def test_on_a_gpu_the_memory_figures_are_the_servers_gpu_memory(tmp_path) -> None:
+    """Notebook 01 on an H200 printed host memory as its idle/peak figures (static 1992 MB, kvcached 2032 MB) while
+    NVML showed 45.7 GB against 2.9 GB: on a GPU the summary reads each server's NVML per-process memory."""
+    import time
+
+    from kvlab.experiments.elastic import _summaries
+    from kvlab.probes import GPU_PROCESS_BYTES, MEM_BYTES
+    from kvlab.runs import MB, Run
+
+    class Readings:  # TEST DOUBLE memory source: a server holding 4 GiB on the GPU and 2 GiB of host memory
+        interval_s = None
+
+        def probes(self):
+            return [self]
+
+        def read(self):
+            return [("kvcached", GPU_PROCESS_BYTES, float(4 << 30)), ("kvcached", MEM_BYTES, float(2 << 30))]
+
+    run = Run("gpu_metric", {}, root=tmp_path)
+    with run.sampler([Readings()], interval_s=0.01):
+        with run.phase("idle", series="kvcached"):
+            time.sleep(0.2)
+    on_gpu = _summaries(run, ["kvcached"], {}, 32 * MB, GPU_PROCESS_BYTES)["kvcached"]
+    on_cpu = _summaries(run, ["kvcached"], {}, 32 * MB)["kvcached"]
+    assert round(on_gpu["idle_mem_mb"]) == round((4 << 30) / MB)
+    assert round(on_cpu["idle_mem_mb"]) == round((2 << 30) / MB)

@@ -183,6 +183,28 @@ def test_blocks_come_from_mapped_pages_and_memory_returns(elastic_pool):
     assert _wait_for(lambda: region.num_mapped == manager.layout.num_layers)  # only the null block's page
 
 
+def test_the_map_cost_is_logged_once_a_wave_of_unmaps_has_settled(elastic_pool, caplog):
+    """On the H200 the engine's close never logged (vLLM force-kills the EngineCore on SIGTERM), and a report gated
+    on an idle engine never came while retained prefix cache held pages: the line comes once unmaps settle."""
+    import logging
+
+    pool, manager, region, _ = elastic_pool
+    ek = pool._kvcached
+    ek.begin_allocation()
+    ek.note_need(6)
+    blocks = pool.get_new_blocks(6)
+    ek.end_allocation()
+    pool.free_blocks(blocks)
+    assert _wait_for(lambda: manager.allocator.stats().unmap_pages > 0)
+    seen = manager.allocator.stats().unmap_pages
+    with caplog.at_level(logging.INFO, logger="kvcached"):
+        assert ek._report_cost_when_settled(0, 0) == (seen, 0), "still moving: no line yet"
+        assert ek._report_cost_when_settled(seen, 0) == (seen, seen)
+        assert ek._report_cost_when_settled(seen, seen) == (seen, seen), "nothing new: no second line"
+    lines = [r.getMessage() for r in caplog.records if "backend has mapped" in r.getMessage()]
+    assert len(lines) == 1 and f"unmapped {seen} (" in lines[0]
+
+
 def test_prefix_cached_blocks_are_kept_then_reclaimed(elastic_pool):
     from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 

@@ -89,9 +89,20 @@ def test_every_hook_target_is_where_the_table_says(row):
 
 
 def test_only_releases_that_ran_are_supported_and_the_range_is_named():
-    assert versions.SUPPORTED_SERIES == ("0.30", "0.31", "0.32")
+    assert versions.SUPPORTED_SERIES == ("0.26", "0.30", "0.31", "0.32")
     assert versions.is_supported("0.31.0") and versions.is_supported("0.32.1.dev3+cpu")
+    assert versions.is_supported("0.26.0"), "ran on an H200 (docs/gpu.md)"
     assert not versions.is_supported("0.33.0"), "read, not run: outside the range"
+    assert not versions.is_supported("0.25.1"), "read, not run"
     assert not versions.is_supported("0.29.9") and not versions.is_supported("0.3.0") and not versions.is_supported("")
-    assert versions.supported_range() == "0.30.x to 0.32.x"
+    assert versions.supported_range() == "0.26.x, 0.30.x to 0.32.x"
     assert versions.row_for("0.33.0").evidence == "read"
+
+
+def test_each_generation_has_its_own_allocation_targets():
+    """0.25/0.26 allocate a tensor per KV cache tensor; 0.30+ one backing allocation: a row's targets are its own."""
+    per_layer = {(m, a) for m, a, _ in versions.hook_targets("0.26.0")}
+    backing = {(m, a) for m, a, _ in versions.hook_targets("0.32.0")}
+    assert ("vllm.v1.worker.gpu.attn_utils", "init_kv_cache") in per_layer - backing
+    assert ("vllm.v1.worker.utils", "allocate_kv_cache") in backing - per_layer
+    assert ("vllm.v1.core.block_pool", "BlockPool.get_new_blocks") in per_layer & backing

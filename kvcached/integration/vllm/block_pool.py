@@ -351,23 +351,23 @@ class ElasticBlockPool:
             logger.debug("kvcached: swept %d page(s) a lagging worker wrote back", strays)
 
     def _reclaim_loop(self) -> None:
-        reported_unmaps = 0
+        seen = reported = 0  # the allocator's unmap count at the last tick, and at the last report
         while not self._closed.wait(RECLAIM_TICK_S):
             try:
                 self.reclaim_once()
-                reported_unmaps = self._report_cost_once_idle(reported_unmaps)
+                seen, reported = self._report_cost_when_settled(seen, reported)
             except Exception:  # never take the engine down from a background thread
                 logger.exception("kvcached: reclaim failed")
 
-    def _report_cost_once_idle(self, reported_unmaps: int) -> int:
-        """Log what the backend's map and unmap calls have cost, once each time the engine has given pages back and
-        holds at most one page in use (idle, or only the null block): an engine stopped by a signal never gets to
-        log it at close. Returns the unmap count reported."""
+    def _report_cost_when_settled(self, seen: int, reported: int) -> tuple[int, int]:
+        """Log what the backend's map and unmap calls have cost so far, once each time a wave of unmaps has settled
+        (pages went back since the last report, none since the last tick): an engine stopped by a signal never
+        gets to log it at close. Returns the new (seen, reported) unmap counts."""
         cost = self.manager.allocator.stats()
-        if cost.unmap_pages != reported_unmaps and cost.in_use_pages <= 1:
+        if cost.unmap_pages == seen and seen != reported:
             logger.info("kvcached: %s", _cost_line(cost))
-            return cost.unmap_pages
-        return reported_unmaps
+            return seen, seen
+        return cost.unmap_pages, reported
 
     def close(self) -> None:
         if self._closed.is_set():

