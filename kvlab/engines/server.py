@@ -28,6 +28,21 @@ from kvlab.load import client
 GiB = 1 << 30
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
+EXTRA_ARGS_ENV = "KVLAB_VLLM_ARGS"
+
+
+def engine_args_from_env() -> list[str]:
+    """vLLM arguments for every engine kvlab starts, from $KVLAB_VLLM_ARGS (split as a shell would), before each
+    server's own arguments so those win: `--dtype float32` for outputs that do not depend on how requests were
+    batched on a CPU, `--max-model-len 2048` for every engine a notebook starts."""
+    raw = os.environ.get(EXTRA_ARGS_ENV, "")
+    try:
+        return shlex.split(raw)
+    except ValueError as exc:
+        raise ValueError(f"{EXTRA_ARGS_ENV}={raw!r} is not an argument list ({exc}): quote it as a shell would, "
+                         f"e.g. {EXTRA_ARGS_ENV}='--dtype float32'") from None
+
+
 def set_aside_log(path: Path) -> Path | None:
     """Rename an earlier run's log to NAME.1.log, NAME.2.log... (the first free number), so a restart of the same
     server (the router's `stop` sleep level wakes it this way) keeps the log of the run before. None if no log."""
@@ -200,7 +215,7 @@ class VLLMServer:
             cmd += ["--kv-cache-memory-bytes", str(int(self.kv_cache_gib * GiB))]
         if self.prefix_store is not None:
             cmd += ["--kv-transfer-config", json.dumps(self.kv_transfer_config())]
-        return cmd + self.args
+        return cmd + engine_args_from_env() + self.args
 
     def kv_transfer_config(self) -> dict:
         """vLLM's --kv-transfer-config for the prefix store (the interface contract's form)."""

@@ -21,7 +21,7 @@ from kvlab.probes.nvml import gpu_inventory
 SERVING_VARIABLES: frozenset[str] = KNOB_NAMES | {
     "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
     "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PLUGINS", "VLLM_USE_V1", "VLLM_ATTENTION_BACKEND",
-    "VLLM_TARGET_DEVICE", "VLLM_SERVER_DEV_MODE", "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "VLLM_TARGET_DEVICE", "VLLM_SERVER_DEV_MODE", "VLLM_ENABLE_V1_MULTIPROCESSING", "KVLAB_VLLM_ARGS",
 }
 # Checked even on allowed names, so a future entry of the list can never carry a credential to disk.
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")

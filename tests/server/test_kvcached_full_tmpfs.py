@@ -21,7 +21,7 @@ import pytest
 from kvcached import budget
 from kvlab.load import client
 
-pytestmark = [pytest.mark.server, pytest.mark.faults]
+pytestmark = [pytest.mark.server, pytest.mark.faults, pytest.mark.usefixtures("cross_process_engines")]
 
 TMPFS_MB = 80  # a few logical pages of the tiny model: one for the null block, a couple of requests at a time
 

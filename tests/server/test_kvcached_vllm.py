@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TEST_KV_CACHE_GIB
+from conftest import CROSS_PROCESS, engine_environment
 
 from kvcached import budget
 from kvlab.engines.server import VLLMServer
@@ -25,7 +25,9 @@ from kvlab.probes.vllm_metrics import prompt_tokens_by_source, scrape
 pytestmark = pytest.mark.server
 
 GROUP = f"kvtest-{os.getpid()}"
-POOL_BYTES = int(TEST_KV_CACHE_GIB * (1 << 30))
+# 1 GiB in float32 holds the tiny model's 256 blocks of 128 tokens, as 0.5 GiB does in the tier's bfloat16 engines.
+KV_CACHE_GIB = 1.0
+POOL_BYTES = int(KV_CACHE_GIB * (1 << 30))
 PROMPTS = [f"Request {i}: tell me about the {w} of the {v}" for i, (w, v) in enumerate(
     (w, v) for w in ("color", "history", "size", "price") for v in ("sea", "city", "mountain", "river",
                                                                   "forest", "desert", "island", "valley"))]
@@ -104,13 +106,29 @@ class ReservedSampler:
         return max(v for _, v in self.samples)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def float32_cross_process_engines():
+    with engine_environment(KVLAB_VLLM_ARGS="--dtype float32", **CROSS_PROCESS):
+        yield
+
+
 def _kvcached_server(tiny_model_dir: Path, log_dir: Path, name: str) -> VLLMServer:
-    return VLLMServer(str(tiny_model_dir), kvcached=True, ipc_name=GROUP, kv_cache_gib=TEST_KV_CACHE_GIB,
+    return VLLMServer(str(tiny_model_dir), kvcached=True, ipc_name=GROUP, kv_cache_gib=KV_CACHE_GIB,
                       name=f"{name}-{os.getpid()}", log_dir=log_dir, progress=False)
 
 
 @pytest.fixture(scope="module")
-def kvcached_server(tiny_model_dir, server_log_dir):
+def static_server(float32_cross_process_engines, tiny_model_dir, server_log_dir):
+    """This module's static server: float32 and the module's pool, like its kvcached servers."""
+    server = VLLMServer(str(tiny_model_dir), kv_cache_gib=KV_CACHE_GIB, name="static-float32", log_dir=server_log_dir,
+                        progress=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def kvcached_server(float32_cross_process_engines, tiny_model_dir, server_log_dir):
     server = _kvcached_server(tiny_model_dir, server_log_dir, "kvcached-a")
     server.start()
     yield server

@@ -40,6 +40,15 @@ def test_static_server_command_and_environment(tmp_path):
     assert server.url == "http://127.0.0.1:8123" and server.base_url.endswith(":8123/v1")
 
 
+def test_engine_arguments_for_every_server_come_from_the_environment_and_yield_to_the_servers_own(monkeypatch):
+    monkeypatch.setenv("KVLAB_VLLM_ARGS", "--dtype float32 --served-model-name 'a b'")
+    cmd = VLLMServer("m", args=["--dtype", "bfloat16"]).command()
+    assert cmd[-6:] == ["--dtype", "float32", "--served-model-name", "a b", "--dtype", "bfloat16"]
+    monkeypatch.setenv("KVLAB_VLLM_ARGS", "--dtype 'float32")
+    with pytest.raises(ValueError, match="KVLAB_VLLM_ARGS.*quote it as a shell would"):
+        VLLMServer("m").command()
+
+
 def test_fractional_kv_cache_goes_through_bytes_only_because_the_env_var_takes_whole_gib(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     server = VLLMServer("some/model", kv_cache_gib=0.5)

@@ -34,6 +34,7 @@ from kvcached.physical_memory import physical_free_bytes, physical_total_bytes
 from kvcached.units import parse_size
 
 logger = logging.getLogger("kvcached")
+COST_REPORT_EVERY_S = 30.0  # the map/unmap cost line, at most this often
 
 RECLAIM_TICK_S = 0.1
 # How often the pool file is swept for pages a lagging worker wrote back after their unmap, under load too: such
@@ -352,17 +353,21 @@ class ElasticBlockPool:
 
     def _reclaim_loop(self) -> None:
         seen = reported = 0  # the allocator's unmap count at the last tick, and at the last report
+        last_report = -COST_REPORT_EVERY_S
         while not self._closed.wait(RECLAIM_TICK_S):
             try:
                 self.reclaim_once()
-                seen, reported = self._report_cost_when_settled(seen, reported)
+                if time.monotonic() - last_report >= COST_REPORT_EVERY_S:
+                    seen, now_reported = self._report_cost_when_settled(seen, reported)
+                    if now_reported != reported:
+                        reported, last_report = now_reported, time.monotonic()
             except Exception:  # never take the engine down from a background thread
                 logger.exception("kvcached: reclaim failed")
 
     def _report_cost_when_settled(self, seen: int, reported: int) -> tuple[int, int]:
-        """Log what the backend's map and unmap calls have cost so far, once each time a wave of unmaps has settled
-        (pages went back since the last report, none since the last tick): an engine stopped by a signal never
-        gets to log it at close. Returns the new (seen, reported) unmap counts."""
+        """Log what the backend's map and unmap calls have cost so far, once a wave of unmaps has settled (pages went
+        back since the last report, none since the last tick): an engine stopped by a signal never gets to log it at
+        close. The loop asks at most every COST_REPORT_EVERY_S. Returns the new (seen, reported) unmap counts."""
         cost = self.manager.allocator.stats()
         if cost.unmap_pages == seen and seen != reported:
             logger.info("kvcached: %s", _cost_line(cost))
