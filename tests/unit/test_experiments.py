@@ -136,3 +136,34 @@ def test_on_a_gpu_the_memory_figures_are_the_servers_gpu_memory(tmp_path) -> Non
     on_cpu = _summaries(run, ["kvcached"], {}, 32 * MB)["kvcached"]
     assert round(on_gpu["idle_mem_mb"]) == round((4 << 30) / MB)
     assert round(on_cpu["idle_mem_mb"]) == round((2 << 30) / MB)
+
+
+def test_on_a_gpu_elastic_abba_sizes_the_pool_in_bytes_unless_a_share_of_the_gpu_is_given(tmp_path, monkeypatch) -> None:
+    """`kvlab bench elastic --kv-cache-gib 8` on the H200 ran 126.6 GiB pools: the bytes were dropped on a GPU. The
+    server is a TEST DOUBLE that records what it was asked for and refuses to start (no GPU here)."""
+    import kvlab.engines.server as server_module
+    from kvlab.experiments import elastic_abba
+
+    asked: list[dict] = []
+
+    class Refused(RuntimeError):
+        pass
+
+    class Server:
+        def __init__(self, model, **kwargs):
+            asked.append(kwargs)
+
+        def start(self):
+            raise Refused("a test double does not start")
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(server_module, "VLLMServer", Server)
+    with pytest.raises(Refused):
+        elastic_abba("m", device="cuda", kv_cache_gib=8, root=tmp_path / "a", progress=False)
+    with pytest.raises(Refused):
+        elastic_abba("m", device="cuda", kv_cache_gib=8, gpu_memory_utilization=0.3, root=tmp_path / "b",
+                     progress=False)
+    assert asked[0]["kv_cache_gib"] == 8 and "--gpu-memory-utilization" not in asked[0]["args"]
+    assert asked[1]["kv_cache_gib"] is None and asked[1]["args"][:2] == ["--gpu-memory-utilization", "0.3"]
