@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
 import inspect
 import logging
 from types import ModuleType
@@ -128,18 +129,30 @@ def _ek(pool: Any):
 
 
 # Worker ----------------------------------------------------------------------------------------------------
-_original_allocate: Any = None
+def _wrapped_wherever_imported(owner: str, name: str, wrap: Any):
+    """A hook for modules that use `owner.name`: the first time, `owner.name` becomes `wrap(original, owner_module)`;
+    every module that imported the original by name (`from owner import name`) gets the wrapped one too."""
+    kept = f"_kvcached_original_{name}"
+
+    def patch(module: ModuleType) -> None:
+        owner_module = importlib.import_module(owner)
+        original = owner_module.__dict__.get(kept)
+        if original is None:
+            original = getattr(owner_module, name)
+            setattr(owner_module, kept, original)
+            setattr(owner_module, name, wrap(original, owner_module))
+        if getattr(module, name, None) is original:
+            setattr(module, name, getattr(owner_module, name))
+
+    return patch
 
 
-def _patch_allocate(module: ModuleType) -> None:
-    """Every module that imported `allocate_kv_cache` by name gets the elastic one."""
-    global _original_allocate
-    utils = __import__("vllm.v1.worker.utils", fromlist=["allocate_kv_cache"])
-    if _original_allocate is None:
-        _original_allocate = utils.allocate_kv_cache
-        utils.allocate_kv_cache = worker.elastic_allocate_kv_cache(_original_allocate, utils)
-    if getattr(module, "allocate_kv_cache", None) is _original_allocate:
-        module.allocate_kv_cache = utils.allocate_kv_cache
+# vLLM 0.30+: allocate_kv_cache, also where the model runners imported it by name.
+_patch_allocate = _wrapped_wherever_imported("vllm.v1.worker.utils", "allocate_kv_cache",
+                                             worker.elastic_allocate_kv_cache)
+# vLLM 0.25/0.26, V2 model runner: attn_utils.init_kv_cache, also where model_runner imported it by name.
+_patch_per_layer_allocation = _wrapped_wherever_imported("vllm.v1.worker.gpu.attn_utils", "init_kv_cache",
+                                                         worker.elastic_init_kv_cache)
 
 
 def _patch_worker_class(class_name: str):
@@ -156,17 +169,6 @@ def _patch_model_runner(module: ModuleType) -> None:
     if not _first_time(cls):
         return
     cls.execute_model = worker.syncing_execute_model(cls.execute_model)
-
-
-def _patch_per_layer_allocation(module: ModuleType) -> None:
-    """vLLM 0.25/0.26, V2 model runner: attn_utils.init_kv_cache, also where model_runner imported it by name."""
-    attn_utils = __import__("vllm.v1.worker.gpu.attn_utils", fromlist=["init_kv_cache"])
-    original = attn_utils.__dict__.get("_kvcached_original_init_kv_cache")
-    if original is None:
-        original = attn_utils._kvcached_original_init_kv_cache = attn_utils.init_kv_cache
-        attn_utils.init_kv_cache = worker.elastic_init_kv_cache(original, attn_utils)
-    if getattr(module, "init_kv_cache", None) is original:
-        module.init_kv_cache = attn_utils.init_kv_cache
 
 
 def _patch_v1_runner_per_layer(module: ModuleType) -> None:
