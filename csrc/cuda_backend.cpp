@@ -284,9 +284,14 @@ class CudaRegion final : public Region {
 
   void view_unmap(const PageRun& r) override {
     DeviceScope scope(device_);
-    // Kernels still queued may read these pages; wait for them before the memory goes.
-    cu::check(d_.cuCtxSynchronize(), "cuCtxSynchronize");
     for (size_t p = r.first; p < r.first + r.count; ++p) unmap_page(p);
+  }
+
+  // Kernels still queued may read pages about to be unmapped: wait for them before the memory goes. Once per
+  // batch: a logical page spans a run in every layer's slice, and a sync per run cost the GPU a drain each.
+  void quiesce() override {
+    DeviceScope scope(device_);
+    cu::check(d_.cuCtxSynchronize(), "cuCtxSynchronize");
   }
 
  private:

@@ -134,6 +134,10 @@ void Region::map(const std::vector<int64_t>& pages) {
 
 void Region::unmap(const std::vector<int64_t>& pages) {
   const std::vector<size_t> wanted = checked_pages(pages);
+  if (wanted.empty()) return;
+  // Before the lock: the pages hold no live data (their owner stopped handing them out), so no work queued from
+  // here on reads them, and a step's sync() or a map on another thread does not wait while the device drains.
+  quiesce();
   std::lock_guard<std::mutex> g(mu_);
   FileLock fl(*state_);
   std::vector<size_t> release, unview;
@@ -190,6 +194,9 @@ bool Region::is_mapped(int64_t page) const {
 }
 
 size_t Region::sync() {
+  // Every engine step calls this first: a current view returns without the lock, so the step never queues behind
+  // a map or unmap another thread of this process is running (their pages hold no block the step can read).
+  if (state_->generation() == view_generation_.load(std::memory_order_acquire)) return 0;
   std::lock_guard<std::mutex> g(mu_);
   // Read the generation before the bits: if it moves while we scan, the next sync() scans again.
   const uint64_t gen = state_->generation();
@@ -200,6 +207,7 @@ size_t Region::sync() {
     if (committed && !view_[p]) to_map.push_back(p);
     if (!committed && view_[p]) to_unmap.push_back(p);
   }
+  if (!to_unmap.empty()) quiesce();
   for (const PageRun& r : to_runs(to_unmap)) {
     view_unmap(r);
     mark_view(r, false);

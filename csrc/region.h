@@ -9,9 +9,12 @@
 // map/unmap change both; sync() brings the view up to the shared state after another process changed it.
 //
 // Thread safety: every public method takes mu_ (the Python bindings release the GIL around them), and
-// map/unmap/sweep also take the file's flock so processes sharing a path do not interleave.
+// map/unmap/sweep also take the file's flock so processes sharing a path do not interleave. Two exceptions keep an
+// engine's step off that lock: sync() returns without it when the view is current, and unmap() waits for the
+// device (quiesce) before taking it, so a step never waits behind an unmap draining the GPU.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -78,7 +81,11 @@ class Region {
   virtual void commit(const PageRun& r) = 0;      // physical memory shared by all views (host: fallocate)
   virtual void decommit(const PageRun& r) = 0;    // give it back (host: punch a hole)
   virtual void view_map(const PageRun& r) = 0;    // make this process's addresses see the memory
-  virtual void view_unmap(const PageRun& r) = 0;  // and stop seeing it
+  virtual void view_unmap(const PageRun& r) = 0;  // and stop seeing it (the caller has quiesced the device)
+  // Waits until device work queued so far has finished, so memory about to be unmapped is read no more (cuda:
+  // the context synchronizes; host memory needs nothing). Called once per batch of unmaps, not per run: unmap()
+  // calls it before taking mu_, sync() under it, only when it has pages to unmap.
+  virtual void quiesce() {}
   virtual void populate(const PageRun& r) { (void)r; }  // prefault=True: pay the faults now
   // After view_unmap(r) failed part-way: make view_ say which pages of r this process still has mapped. A
   // backend whose view_unmap is all-or-nothing (host: one mmap call) keeps the default, which changes nothing.
@@ -97,7 +104,7 @@ class Region {
   bool prefault_ = false;
   std::unique_ptr<SharedState> state_;
   std::vector<uint8_t> view_;     // 1 where this process has the page mapped
-  uint64_t view_generation_ = 0;  // the shared generation this view last matched completely
+  std::atomic<uint64_t> view_generation_{0};  // the shared generation this view last matched completely
   mutable std::mutex mu_;
 };
 

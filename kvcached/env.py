@@ -25,7 +25,10 @@ KNOBS: tuple[Knob, ...] = (
          "<prefix>-<random>"),
     Knob("KVCACHED_PAGE_SIZE", "bytes per physical page (a multiple of the CUDA granularity on GPUs)", "2097152"),
     Knob("KVCACHED_RECLAIM_DELAY_S", "seconds an idle page stays mapped before it is given back", "1.0"),
-    Knob("KVCACHED_RESERVE_PAGES", "pages kept mapped ahead while an engine is busy (the warm reserve)", "2"),
+    Knob("KVCACHED_RESERVE_PAGES", "the least logical pages kept mapped ahead while an engine is busy (the warm "
+         "reserve follows the last second's demand above it)", "2"),
+    Knob("KVCACHED_MAX_RESERVE", "the most memory the warm reserve maps ahead (also at most a sixteenth of the "
+         "limit or the group's cap)", "512M"),
     Knob("KVCACHED_MAX_CACHED_TOKENS", "tokens of free prefix cache an engine keeps while nobody needs the memory "
          "(0: none)", "16000"),
     Knob("KVCACHED_PREFIX_RETENTION_S", "optional clock: also drop a free prefix-cache block after this many idle "

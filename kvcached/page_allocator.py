@@ -2,8 +2,11 @@
 
 A logical page (see layout.py) is mapped when a caller acquires it and becomes *idle* when released.
 Idle pages stay mapped for `reclaim_delay_s` so a burst that frees and re-allocates does not pay for
-unmap + map, and while the pool is active a few of them (`reserve_pages`) stay warm, mapped ahead by a
-background thread. The budget is checked before any memory is mapped.
+unmap + map, and while the pool is active some of them stay warm, mapped ahead by a background thread: the
+*warm reserve*, as many pages as callers took in the last second (at least `reserve_pages`, at most
+`max_reserve_bytes` and a sixteenth of the limit). A map on the caller's thread is a map an engine's scheduler
+waits for (a 2 MiB CUDA page costs ~80 us, and a logical page spans one in every layer), so a burst's pages are
+mapped ahead at the rate the burst takes them. The budget is checked before any memory is mapped.
 
 Backend calls (Region.map/unmap) take milliseconds, so they never run under the allocator's lock: state is
 reserved under the lock (MAPPING/UNMAPPING), the backend is called outside it, and the result is committed
@@ -21,17 +24,25 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from kvcached.budget import BudgetRecord
 from kvcached.layout import KVLayout
 from kvcached.physical_memory import host_room_bytes
+from kvcached.units import parse_size
 
 RECLAIM_DELAY_ENV = "KVCACHED_RECLAIM_DELAY_S"
 RESERVE_PAGES_ENV = "KVCACHED_RESERVE_PAGES"
+MAX_RESERVE_ENV = "KVCACHED_MAX_RESERVE"
 DEFAULT_RECLAIM_DELAY_S = 1.0
 DEFAULT_RESERVE_PAGES = 2
+DEFAULT_MAX_RESERVE_BYTES = 512 << 20
+DEMAND_WINDOW_S = 1.0  # the warm reserve follows what callers took in this long
+# Logical pages per backend call while mapping ahead: a map on the caller's thread waits for the region's lock at
+# most one such call.
+TOP_UP_CHUNK = 2
 
 class PageState(enum.IntEnum):
     """Where a logical page is in its life. MAPPING, UNMAPPING and PREFETCHING are held while a backend call runs
@@ -69,11 +80,24 @@ class AllocatorStats:
     mapped_pages: int
     page_bytes: int
     # What the backend's map and unmap calls have cost so far (region pages, seconds): the price of elasticity
-    # inside an engine, logged when the engine stops.
+    # inside an engine, logged when the engine stops. `demand_map_*` is the part of the maps a caller waited for
+    # (pages the warm reserve did not have ready); the rest ran ahead, on the background thread.
     map_pages: int = 0
     map_s: float = 0.0
     unmap_pages: int = 0
     unmap_s: float = 0.0
+    demand_map_pages: int = 0
+    demand_map_s: float = 0.0
+
+
+def _env_bytes(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse_size(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r}: {exc} (e.g. {name}=256M)") from None
 
 
 def _env_float(name: str, default: float) -> float:
@@ -94,7 +118,7 @@ class PageAllocator:
 
     def __init__(self, layout: KVLayout, region: MappableRegion, budget: BudgetRecord, *,
                  reserve_pages: int | None = None, reclaim_delay_s: float | None = None,
-                 background: bool = True) -> None:
+                 max_reserve_bytes: int | None = None, background: bool = True) -> None:
         if region.page_size != layout.page_size:
             raise ValueError(f"region page size {region.page_size} differs from the layout's {layout.page_size}: "
                              "create the Region with page_size=layout.page_size")
@@ -109,6 +133,9 @@ class PageAllocator:
                                  if reserve_pages is None else reserve_pages)
         self.reclaim_delay_s = (_env_float(RECLAIM_DELAY_ENV, DEFAULT_RECLAIM_DELAY_S)
                                 if reclaim_delay_s is None else reclaim_delay_s)
+        self.max_reserve_bytes = (_env_bytes(MAX_RESERVE_ENV, DEFAULT_MAX_RESERVE_BYTES)
+                                  if max_reserve_bytes is None else max_reserve_bytes)
+        self._demand: deque[tuple[float, int]] = deque()  # (when, pages) taken by callers, the last second's
         n = layout.num_logical_pages
         self._state = bytearray(n)  # a PageState per logical page (bytes: cheap to scan)
         self._idle_since: dict[int, float] = {}  # insertion order = oldest idle first
@@ -116,7 +143,8 @@ class PageAllocator:
         self._partial: set[int] = set()
         self._in_use = 0
         self._mapped = 0  # IN_USE + IDLE + UNMAPPING (memory still committed)
-        self._backend_cost = [0, 0.0, 0, 0.0]  # map pages, map seconds, unmap pages, unmap seconds (under _cond)
+        # map pages, map seconds, unmap pages, unmap seconds, and the maps callers waited for (under _cond)
+        self._backend_cost: list[float] = [0, 0.0, 0, 0.0, 0, 0.0]
         self._last_acquire = -math.inf
         self._want_topup = False
         self._cond = threading.Condition(threading.Lock())
@@ -162,8 +190,9 @@ class PageAllocator:
             was_partial = self._partial.intersection(to_map)
             self._in_use += len(reused)
             self._last_acquire = time.monotonic()
+            self._demand.append((self._last_acquire, len(wanted)))
         try:
-            ok = not to_map or self._map(to_map)
+            ok = not to_map or self._map(to_map, on_demand=True)
         except BaseException:
             self._roll_back(to_map, reused, was_partial)
             raise
@@ -252,7 +281,7 @@ class PageAllocator:
         now = time.monotonic()
         with self._cond:
             active = now - self._last_acquire < self.reclaim_delay_s
-            keep = self.reserve_pages if active else 0
+            keep = self._reserve_target(now) if active else 0
             due = [p for p, t in self._idle_since.items() if now - t >= self.reclaim_delay_s]
             victims = due[:max(0, min(len(due), len(self._idle_since) - keep))]
             if over_pages > len(victims):
@@ -331,9 +360,9 @@ class PageAllocator:
         return len(victims)
 
     # Mapping ----------------------------------------------------------------------------------------------
-    def _map(self, pages: list[int]) -> bool:
+    def _map(self, pages: list[int], *, on_demand: bool = False) -> bool:
         """Reserve budget, then map. On a refusal (budget or out of memory) roll back and report False; any other
-        error rolls back too and is raised."""
+        error rolls back too and is raised. `on_demand`: a caller waits for this map (counted apart)."""
         region_pages = self._region_pages(pages)
         claim = self._reserve(len(region_pages))
         if claim is None:
@@ -342,7 +371,7 @@ class PageAllocator:
             if claim is None:
                 return False
         try:
-            self._timed(self.region.map, region_pages, 0)
+            self._timed(self.region.map, region_pages, 0, also=4 if on_demand else None)
             return True
         except MemoryError:
             return False
@@ -382,20 +411,48 @@ class PageAllocator:
             if excess > 0:
                 self.budget.release(excess)
 
+    def _reserve_target(self, now: float) -> int:
+        """How many idle pages to keep mapped ahead while the pool is active: what callers took in the last
+        DEMAND_WINDOW_S, at least `reserve_pages`, at most `max_reserve_bytes` and a sixteenth of the limit or the
+        group's cap (a reserve holds budget a neighbour may want). Caller holds _cond."""
+        while self._demand and now - self._demand[0][0] > DEMAND_WINDOW_S:
+            self._demand.popleft()
+        recent = sum(n for _, n in self._demand)
+        limit = self.budget.limit_bytes
+        group_cap = self.budget.group_cap
+        if group_cap is not None:
+            limit = min(limit, group_cap)
+        cap = min(self.max_reserve_bytes, limit // 16) // self.page_bytes
+        return max(self.reserve_pages, min(recent, cap))
+
     def _top_up(self) -> None:
-        """Map pages ahead so the next acquire finds them warm; only within budget, never making room."""
-        with self._cond:
-            if not self._want_topup or self._stopped:
+        """Map pages ahead so the next acquire finds them warm, TOP_UP_CHUNK at a time; only within budget, never
+        making room. It takes the highest unmapped pages: callers open the lowest, so they rarely wait for one
+        being mapped here."""
+        while True:
+            with self._cond:
+                if not self._want_topup or self._stopped:
+                    return
+                missing = min(self._reserve_target(time.monotonic()) - len(self._idle_since), TOP_UP_CHUNK)
+                pages: list[int] = []
+                for p in range(len(self._state) - 1, -1, -1):
+                    if len(pages) >= missing:
+                        break
+                    if self._state[p] == UNMAPPED:
+                        pages.append(p)
+                if not pages:
+                    self._want_topup = False
+                    return
+                pages.sort()
+                for p in pages:
+                    self._state[p] = PREFETCHING
+            if not self._map_ahead(pages):
+                with self._cond:
+                    self._want_topup = False
                 return
-            self._want_topup = False
-            missing = self.reserve_pages - len(self._idle_since)
-            if missing <= 0:
-                return
-            pages = [p for p in range(len(self._state)) if self._state[p] == UNMAPPED][:missing]
-            if not pages:
-                return
-            for p in pages:
-                self._state[p] = PREFETCHING
+
+    def _map_ahead(self, pages: list[int]) -> bool:
+        """Map PREFETCHING `pages` and make them idle, or unmapped again; False when the budget or memory said no."""
         ok = False
         try:
             region_pages = self._region_pages(pages)
@@ -421,6 +478,7 @@ class PageAllocator:
                     self._mapped += len(pages)
                 self._publish_used()
                 self._cond.notify_all()
+        return ok
 
     def _region_pages(self, pages: list[int]) -> list[int]:
         out: list[int] = []
@@ -458,20 +516,23 @@ class PageAllocator:
 
     def stats(self) -> AllocatorStats:
         with self._cond:
-            map_pages, map_s, unmap_pages, unmap_s = self._backend_cost
+            map_pages, map_s, unmap_pages, unmap_s, demand_pages, demand_s = self._backend_cost
             return AllocatorStats(in_use_pages=self._in_use, idle_pages=len(self._idle_since),
-                                  mapped_pages=self._mapped, page_bytes=self.page_bytes, map_pages=map_pages,
-                                  map_s=map_s, unmap_pages=unmap_pages, unmap_s=unmap_s)
+                                  mapped_pages=self._mapped, page_bytes=self.page_bytes, map_pages=int(map_pages),
+                                  map_s=map_s, unmap_pages=int(unmap_pages), unmap_s=unmap_s,
+                                  demand_map_pages=int(demand_pages), demand_map_s=demand_s)
 
-    def _timed(self, call: Callable[[list[int]], None], region_pages: list[int], slot: int) -> None:
-        """`call(region_pages)`, its cost added to _backend_cost[slot] (pages) and [slot + 1] (seconds) when it
-        succeeds."""
+    def _timed(self, call: Callable[[list[int]], None], region_pages: list[int], slot: int, *,
+               also: int | None = None) -> None:
+        """`call(region_pages)`, its cost added to _backend_cost[slot] (pages) and [slot + 1] (seconds), and to the
+        pair at `also` too, when it succeeds."""
         start = time.perf_counter()
         call(region_pages)
         elapsed = time.perf_counter() - start
         with self._cond:
-            self._backend_cost[slot] += len(region_pages)
-            self._backend_cost[slot + 1] += elapsed
+            for at in (slot,) if also is None else (slot, also):
+                self._backend_cost[at] += len(region_pages)
+                self._backend_cost[at + 1] += elapsed
 
     def _check_open(self) -> None:
         if self._closed:

@@ -13,7 +13,8 @@ directories under OUT_DIR/runs), so a run cut short keeps what it measured. Step
               each with memory sampled until it is back to idle, a KV sleep (limit 0) and the wake, and what the
               kvcached engine's map and unmap calls cost per page (from its log when it stops)
   elastic     `kvlab bench elastic`: ABBA blocks, fresh and repeated prompts, tok/s and TTFT ratios
-  notebooks   notebooks 00-04 through `kvlab run` (papermill), GPU branch, on the generated model
+  notebooks   notebooks 00-04 through `kvlab run` (papermill), GPU branch, on the generated model (in the order
+              KVLAB_E2E_NOTEBOOKS lists them, comma-separated names, when it is set)
   colocation  `kvlab bench colocation`: two engines under one budget where KV binds, TTFT p99 elastic/static
 """
 from __future__ import annotations
@@ -125,18 +126,37 @@ class GpuMemory:
         return max(values) if values else None
 
 
-MAP_COST_LINE = re.compile(r"backend has mapped (\d+) pages \(([\d.]+) us each\) "
-                           r"and unmapped (\d+) \(([\d.]+) us each\)")
+MAP_COST_LINE = re.compile(r"backend has mapped (\d+) pages \(([\d.]+) us each; (\d+) of them while the scheduler "
+                           r"waited, ([\d.]+) s\) and unmapped (\d+) \(([\d.]+) us each\)")
+CLOCK_LINE = re.compile(r"kvcached's hooks took ([\d.]+) s of the scheduler's ([\d.]+) s \(([\d.]+)%, (\d+) calls, "
+                        r"(\d+) us each\), ([\d.]+) s waiting for the reclaimer")
 
 
 def _map_cost(log: str) -> dict | None:
-    """The last map/unmap cost line the kvcached engine logged (after each burst it gave back, and at close)."""
+    """The last map/unmap cost line the kvcached engine logged (after each burst it gave back, and at close), with
+    what kvcached's hooks cost the scheduler's thread."""
     found = MAP_COST_LINE.findall(log)
     if not found:
         return None
-    mapped, map_us, unmapped, unmap_us = found[-1]
-    return {"map_pages": int(mapped), "map_us_per_page": float(map_us), "unmap_pages": int(unmapped),
-            "unmap_us_per_page": float(unmap_us)}
+    mapped, map_us, demand, demand_s, unmapped, unmap_us = found[-1]
+    cost = {"map_pages": int(mapped), "map_us_per_page": float(map_us), "demand_map_pages": int(demand),
+            "demand_map_s": float(demand_s), "unmap_pages": int(unmapped), "unmap_us_per_page": float(unmap_us)}
+    clock = CLOCK_LINE.findall(log)
+    if clock:
+        hook_s, scheduler_s, share, calls, each_us, wait_s = clock[-1]
+        cost.update(hook_s=float(hook_s), scheduler_s=float(scheduler_s), hook_share_pct=float(share),
+                    hook_calls=int(calls), hook_us_each=int(each_us), lock_wait_s=float(wait_s))
+    return cost
+
+
+def map_costs(root: Path) -> dict[str, dict]:
+    """The cost line of every kvcached engine log under `root` (a run directory's server logs)."""
+    found = {}
+    for log in sorted(root.rglob("*.log")):
+        cost = _map_cost(log.read_text(errors="replace"))
+        if cost is not None:
+            found[str(log.relative_to(root))] = cost
+    return found
 
 
 def step_parity(out: Path, model: Path, result: dict) -> dict:
@@ -176,22 +196,29 @@ def step_parity(out: Path, model: Path, result: dict) -> dict:
                                                       if a != b), None)}
         say(f"parity: greedy outputs equal {equal}/{len(prompts)}")
 
-        # A burst on each, one after the other, memory sampled until it settles.
+        # Bursts in ABBA order (static, kvcached, kvcached, static: a drift of the machine weighs on both alike),
+        # each of prompts never sent before, memory sampled until it settles.
         with memory:
-            for name, server in servers.items():
+            for round_, name in enumerate(("static", "kvcached", "kvcached", "static")):
+                server = servers[name]
                 idle = memory.now()[name]
                 start = time.monotonic() - T0
-                burst = [_prompt(1000 + i, 700) for i in range(64)]
+                burst = [_prompt(1000 + 100 * round_ + i, 700) for i in range(64)]
                 with cf.ThreadPoolExecutor(64) as pool:
                     latencies = [t for _, t in pool.map(lambda p, s=server: _complete(s, p, 256, True), burst)]
                 end = time.monotonic() - T0
                 time.sleep(8.0)
-                result.setdefault("burst", {})[name] = {
-                    "requests": len(burst), "prompt_words": 700, "max_tokens": 256, "idle_mib": idle,
-                    "peak_mib": memory.peak(name, start), "after_8s_mib": memory.now()[name],
-                    "seconds": end - start, "latency_p50_s": sorted(latencies)[len(latencies) // 2],
-                    "back_to_idle_s": memory.back_to_idle_s(name, end, idle)}
-                say(f"parity: burst on {name}: {result['burst'][name]}")
+                figures = {"server": name, "requests": len(burst), "prompt_words": 700, "max_tokens": 256,
+                           "idle_mib": idle, "peak_mib": memory.peak(name, start),
+                           "after_8s_mib": memory.now()[name], "seconds": end - start,
+                           "latency_p50_s": sorted(latencies)[len(latencies) // 2],
+                           "back_to_idle_s": memory.back_to_idle_s(name, end, idle)}
+                result.setdefault("burst", {}).setdefault(name, figures)  # each server's first burst
+                result.setdefault("burst_rounds", []).append(figures)
+                say(f"parity: burst {round_ + 1} on {name}: {figures}")
+        seconds = {n: [r["seconds"] for r in result["burst_rounds"] if r["server"] == n] for n in servers}
+        result["burst_seconds_ratio"] = (sum(seconds["kvcached"]) / len(seconds["kvcached"])) / (
+            sum(seconds["static"]) / len(seconds["static"]))
         result["kvcached_record_after_burst"] = servers["kvcached"].kvcached_stats()
 
         # KV sleep: the kvcached engine's limit to 0 gives its pages back; the next request after the limit is
@@ -235,15 +262,21 @@ def _kvlab(out: Path, name: str, argv: list[str], timeout: float, result: dict) 
 
 
 def step_elastic(out: Path, model: Path, result: dict) -> dict:
-    return _kvlab(out, "elastic", ["bench", "elastic", "--model", str(model), "--kv-cache-gib", "8",
-                                   "--requests", "64", "--concurrency", "32", "--prompt-tokens", "512",
-                                   "--max-tokens", "128", "--root", str(out / "runs"), "--json"], 1200, result)
+    """256 requests a pass: with 64 the first wave (32 requests on a cold pool) was half the pass, and the two
+    static blocks differed by 23%."""
+    _kvlab(out, "elastic", ["bench", "elastic", "--model", str(model), "--kv-cache-gib", "8",
+                            "--requests", "256", "--concurrency", "32", "--prompt-tokens", "512",
+                            "--max-tokens", "128", "--root", str(out / "runs" / "elastic"), "--json"], 1200, result)
+    result["kvcached_map_cost"] = map_costs(out / "runs" / "elastic")
+    return result
 
 
 def step_colocation(out: Path, model: Path, result: dict) -> dict:
-    return _kvlab(out, "colocation", ["bench", "colocation", "--model", str(model), "--total-kv-gib", "1",
-                                      "--peak-size", "64", "--prompt-tokens", "512", "--max-tokens", "128",
-                                      "--root", str(out / "runs"), "--json"], 1200, result)
+    _kvlab(out, "colocation", ["bench", "colocation", "--model", str(model), "--total-kv-gib", "1",
+                               "--peak-size", "64", "--prompt-tokens", "512", "--max-tokens", "128",
+                               "--root", str(out / "runs" / "colocation"), "--json"], 1200, result)
+    result["kvcached_map_cost"] = map_costs(out / "runs" / "colocation")
+    return result
 
 
 NOTEBOOK_PARAMS = {
@@ -257,7 +290,13 @@ NOTEBOOK_PARAMS = {
 
 
 def step_notebooks(out: Path, model: Path, results: dict) -> dict:
-    for notebook, params in NOTEBOOK_PARAMS.items():
+    chosen = [n for n in os.environ.get("KVLAB_E2E_NOTEBOOKS", "").split(",") if n] or list(NOTEBOOK_PARAMS)
+    unknown = set(chosen) - set(NOTEBOOK_PARAMS)
+    if unknown:
+        raise ValueError(f"KVLAB_E2E_NOTEBOOKS names unknown notebooks {sorted(unknown)}: "
+                         f"choose from {', '.join(NOTEBOOK_PARAMS)}")
+    for notebook in chosen:
+        params = NOTEBOOK_PARAMS[notebook]
         argv = ["run", f"notebooks/{notebook}.ipynb", "--root", str(out / "runs"), "--no-progress", "-p", "device",
                 "cuda"]
         for key, value in params.items():

@@ -2,6 +2,9 @@
 device memory really leaving and returning, the handle pool, and the shared state across two views."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from kvcached import _core
@@ -145,3 +148,23 @@ def test_state_region_in_a_scheduler_drives_a_cuda_worker(gran: int, tmp_path) -
     finally:
         if os.path.exists(path):
             os.unlink(path)
+
+
+def test_an_unmap_drains_the_device_without_holding_up_a_step(gran: int, torch_cuda) -> None:
+    """An unmap waits for kernels queued before it (they may read the pages), but outside the region's lock: an
+    engine step's sync() (called before every forward pass) goes on meanwhile. It used to wait for the whole drain,
+    a GPU bubble each time idle pages went back under load."""
+    torch = torch_cuda
+    region = _core.Region(8 * gran, gran, backend="cuda")
+    region.map([0, 1])
+    stream = torch.cuda.current_stream()
+    torch.cuda._sleep(int(3e9))  # a kernel spinning for a second or so, queued ahead of the unmap
+    worker = threading.Thread(target=region.unmap, args=([1],))
+    worker.start()
+    time.sleep(0.2)  # the unmap is now waiting for that kernel
+    assert region.sync() == 0, "the view is current: nothing to apply"
+    assert not stream.query(), "sync() returned while the kernel queued before the unmap still ran"
+    worker.join()
+    assert stream.query(), "the unmap returned only after that kernel"
+    assert region.resident_pages() == [0]
+    region.close()

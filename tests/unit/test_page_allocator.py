@@ -44,6 +44,56 @@ def test_stats_count_the_region_pages_mapped_and_unmapped_and_their_time(shm_dir
     stats = alloc.stats()
     assert (stats.map_pages, stats.unmap_pages) == (4, 4)
     assert stats.map_s > 0 and stats.unmap_s > 0
+    assert stats.demand_map_pages == 4 and stats.demand_map_s <= stats.map_s, "the caller waited for both maps"
+    alloc.close()
+    rec.close()
+
+
+def test_the_warm_reserve_follows_the_last_seconds_demand(shm_dir, region_kind):
+    """A burst that took 5 pages in the last second finds the next 5 mapped ahead (off the caller's thread, so an
+    engine's scheduler does not wait for them), from the top of the pool where callers never look first; the
+    caller then maps nothing itself. Once the burst is over they go back."""
+    lay, region, rec, alloc = _setup(region_kind, pages=128, reserve_pages=1, reclaim_delay_s=30)
+    assert alloc.acquire_pages([0, 1, 2, 3, 4])
+    alloc._top_up()
+    assert sorted(alloc.idle_pages()) == [123, 124, 125, 126, 127]
+    assert alloc.stats().map_pages == 20 and alloc.stats().demand_map_pages == 10
+    assert alloc.acquire_pages([123, 124, 125])  # the scheduler opens the warm pages: nothing to map
+    assert alloc.stats().demand_map_pages == 10
+    assert rec.reserved_bytes == 10 * lay.logical_page_bytes
+    alloc._last_acquire -= 60  # the pool has been quiet past the reclaim delay: the reserve goes too
+    for p in alloc.idle_pages():
+        alloc._idle_since[p] -= 60
+    alloc.reclaim()
+    assert alloc.idle_pages() == [] and rec.reserved_bytes == 8 * lay.logical_page_bytes
+    alloc.close()
+    rec.close()
+
+
+def test_the_warm_reserve_stays_within_its_cap_and_the_limit(shm_dir, region_kind):
+    lay, region, rec, alloc = _setup(region_kind, pages=128, reserve_pages=1,
+                                     max_reserve_bytes=3 * (P * 2), reclaim_delay_s=30)  # 3 logical pages of 2 layers
+    assert alloc.acquire_pages(list(range(8)))
+    alloc._top_up()
+    assert len(alloc.idle_pages()) == 3, "the cap, not the 8 pages of demand"
+    alloc.close()
+    rec.close()
+    # A sixteenth of a 16-page limit is one page: the floor (reserve_pages=1), whatever the demand.
+    lay, region, rec, alloc = _setup(region_kind, pages=32, limit_pages=16, reserve_pages=1, reclaim_delay_s=30)
+    assert alloc.acquire_pages(list(range(8)))
+    alloc._top_up()
+    assert len(alloc.idle_pages()) == 1
+    alloc.close()
+    rec.close()
+
+
+def test_the_warm_reserve_env_knob_names_its_fix(shm_dir, monkeypatch):
+    monkeypatch.setenv("KVCACHED_MAX_RESERVE", "lots")
+    with pytest.raises(ValueError, match="KVCACHED_MAX_RESERVE=.*e.g. KVCACHED_MAX_RESERVE=256M"):
+        _setup("host")
+    monkeypatch.setenv("KVCACHED_MAX_RESERVE", "64k")
+    lay, region, rec, alloc = _setup("host")
+    assert alloc.max_reserve_bytes == 64 << 10
     alloc.close()
     rec.close()
 

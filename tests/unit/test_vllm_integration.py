@@ -205,6 +205,60 @@ def test_the_map_cost_is_logged_once_a_wave_of_unmaps_has_settled(elastic_pool, 
     assert len(lines) == 1 and f"unmapped {seen} (" in lines[0]
 
 
+def test_the_scheduler_clock_counts_kvcached_hooks_and_the_scheduler_calls_around_them(elastic_pool, caplog):
+    """What elasticity costs on vLLM's scheduler thread, logged with the map cost: the hooks' time (the maps they
+    wait for included) against the scheduler calls kvcached wraps, a call nested in another counted once."""
+    import logging
+    import types
+
+    pool, manager, region, _ = elastic_pool
+    ek = pool._kvcached
+
+    class Scheduler:
+        kv_cache_manager = types.SimpleNamespace(block_pool=pool)
+
+        @vllm_patches._locked
+        def schedule(self):
+            ek.begin_allocation()
+            ek.note_need(6)
+            assert pool.get_num_free_blocks() >= 6
+            blocks = pool.get_new_blocks(6)
+            ek.end_allocation()
+            self.finish_requests(blocks)
+            return blocks
+
+        @vllm_patches._locked
+        def finish_requests(self, blocks):
+            pool.free_blocks(blocks)
+
+    Scheduler().schedule()
+    clock = ek.clock
+    assert clock.scheduler_calls == 1 and clock.depth == 0
+    # The free count (which maps), the hand-out (vLLM's get_new_blocks asks the free count again), the free.
+    assert clock.hook_calls >= 3
+    assert 0 < clock.hook_s <= clock.scheduler_s
+    assert manager.allocator.stats().demand_map_pages > 0, "no warm reserve here: the scheduler mapped"
+    with caplog.at_level(logging.INFO, logger="kvcached"):
+        ek.close()
+    line = next(r.getMessage() for r in caplog.records if "at close" in r.getMessage())
+    assert "while the scheduler waited" in line and "kvcached's hooks took" in line
+    assert f"({100 * clock.hook_s / clock.scheduler_s:.1f}%, {clock.hook_calls} calls" in line
+
+
+def test_allocate_slots_arguments_are_read_without_binding_the_signature():
+    def allocate_slots(self, request, num_new_tokens, num_new_computed_tokens=0, new_computed_blocks=None,
+                       num_lookahead_tokens=0, *, reserved_blocks=0):
+        pass
+
+    signature = inspect.signature(allocate_slots)
+    hits, reserved = (vllm_patches._argument(signature, n) for n in ("new_computed_blocks", "reserved_blocks"))
+    missing = vllm_patches._argument(signature, "num_external_computed_tokens")  # not in this release
+    assert hits(("r", 16), {}) is None and hits(("r", 16, 0, "H"), {}) == "H"
+    assert hits(("r", 16), {"new_computed_blocks": "K"}) == "K"
+    assert reserved(("r", 16, 0, "H", 0), {}) == 0 and reserved(("r",), {"reserved_blocks": 3}) == 3
+    assert missing(("r", 16), {}) is None
+
+
 def test_prefix_cached_blocks_are_kept_then_reclaimed(elastic_pool):
     from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 

@@ -50,6 +50,30 @@ MIN_FREE_MEMORY_ENV = "KVCACHED_MIN_FREE_MEMORY"
 DEFAULT_MIN_FREE_MEMORY = 512 << 20
 
 
+class SchedulerClock:
+    """Where kvcached's time goes on vLLM's scheduler thread: the scheduler's calls kvcached wraps (`schedule`,
+    `update_from_output`, ...), the part of them spent in kvcached's hooks (maps a warm page did not spare
+    included), and the waits for `ElasticBlockPool.lock` (held by the reclaimer). vLLM schedules between model
+    steps, so this is elasticity's price on the engine's critical path; it is logged with the map cost. Only the
+    scheduler thread writes it."""
+
+    __slots__ = ("scheduler_s", "scheduler_calls", "hook_s", "hook_calls", "lock_wait_s", "depth")
+
+    def __init__(self) -> None:
+        self.scheduler_s = self.hook_s = self.lock_wait_s = 0.0
+        self.scheduler_calls = self.hook_calls = self.depth = 0
+
+    def hook(self, start: float) -> None:
+        self.hook_s += time.perf_counter() - start
+        self.hook_calls += 1
+
+    def line(self) -> str:
+        share = self.hook_s / self.scheduler_s if self.scheduler_s else 0.0
+        return (f"kvcached's hooks took {self.hook_s:.3f} s of the scheduler's {self.scheduler_s:.3f} s "
+                f"({100 * share:.1f}%, {self.hook_calls} calls, {1e6 * self.hook_s / max(self.hook_calls, 1):.0f} us "
+                f"each), {self.lock_wait_s:.3f} s waiting for the reclaimer")
+
+
 def _env_number(name: str, default: float | None, parse: Any = float) -> Any:
     """A non-negative number from the environment; a bad value is logged and the default used (an engine must
     not fail to start over a tuning knob)."""
@@ -98,6 +122,7 @@ class ElasticBlockPool:
         self._reserved_blocks = 0
         self._served: dict[tuple[int, int], float] = {}  # neighbour -> the refusal of theirs last served
         self._on_close = on_close
+        self.clock = SchedulerClock()
         self._last_busy = time.monotonic()  # last time a request held a block (the null block aside)
         self._swept = False
         self._last_sweep = time.monotonic()
@@ -370,7 +395,7 @@ class ElasticBlockPool:
         close. The loop asks at most every COST_REPORT_EVERY_S. Returns the new (seen, reported) unmap counts."""
         cost = self.manager.allocator.stats()
         if cost.unmap_pages == seen and seen != reported:
-            logger.info("kvcached: %s", _cost_line(cost))
+            logger.info("kvcached: %s; %s", _cost_line(cost), self.clock.line())
             return seen, seen
         return cost.unmap_pages, reported
 
@@ -380,7 +405,7 @@ class ElasticBlockPool:
         self._closed.set()
         if self._reclaimer is not threading.current_thread():
             self._reclaimer.join(timeout=5.0)  # a tick in progress ends before the manager and the record go
-        logger.info("kvcached: at close, %s", _cost_line(self.manager.allocator.stats()))
+        logger.info("kvcached: at close, %s; %s", _cost_line(self.manager.allocator.stats()), self.clock.line())
         self.manager.close()
         if self._on_close is not None:
             self._on_close()
@@ -388,4 +413,5 @@ class ElasticBlockPool:
 
 def _cost_line(cost: Any) -> str:
     return (f"the backend has mapped {cost.map_pages} pages ({1e6 * cost.map_s / max(cost.map_pages, 1):.1f} us "
-            f"each) and unmapped {cost.unmap_pages} ({1e6 * cost.unmap_s / max(cost.unmap_pages, 1):.1f} us each)")
+            f"each; {cost.demand_map_pages} of them while the scheduler waited, {cost.demand_map_s:.3f} s) and "
+            f"unmapped {cost.unmap_pages} ({1e6 * cost.unmap_s / max(cost.unmap_pages, 1):.1f} us each)")

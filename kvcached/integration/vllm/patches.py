@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import logging
+import time
 from types import ModuleType
 from typing import Any
 
@@ -224,11 +225,13 @@ def _patch_block_pool(module: ModuleType) -> None:
         ek = _ek(self)
         if ek is None:
             return get_new_blocks(self, num_blocks)
+        start = time.perf_counter()
         chosen = [self.blocks[i] for i in ek.take(num_blocks)]
         queue = self.free_block_queue
         for block in chosen:
             queue.remove(block)
         queue.prepend_n(chosen)  # vLLM pops from the front: it now hands out exactly these, in this order
+        ek.clock.hook(start)
         need, ek._need = ek._need, None  # vLLM's own free-count check must see its real count here
         try:
             return get_new_blocks(self, num_blocks)
@@ -242,20 +245,29 @@ def _patch_block_pool(module: ModuleType) -> None:
             return free_blocks(self, ordered_blocks)
         blocks = list(ordered_blocks)
         free_blocks(self, blocks)
+        start = time.perf_counter()
         ek.on_freed(blocks)
+        ek.clock.hook(start)
 
     @functools.wraps(touch)
     def patched_touch(self, blocks):
         ek = _ek(self)
         if ek is not None:
+            start = time.perf_counter()
             ek.on_touch(blocks)
+            ek.clock.hook(start)
         return touch(self, blocks)
 
     @functools.wraps(get_num_free_blocks)
     def patched_get_num_free_blocks(self):
         count = get_num_free_blocks(self)
         ek = _ek(self)
-        return count if ek is None else ek.free_block_count(count)
+        if ek is None:
+            return count
+        start = time.perf_counter()
+        count = ek.free_block_count(count)  # inside allocate_slots: maps this request's blocks (see block_pool.py)
+        ek.clock.hook(start)
+        return count
 
     BlockPool.get_new_blocks = patched_get_new_blocks
     BlockPool.free_blocks = patched_free_blocks
@@ -269,14 +281,17 @@ def _patch_kv_cache_manager(module: ModuleType) -> None:
         return
     allocate_slots = cls.allocate_slots
     signature = inspect.signature(allocate_slots)
+    # vLLM calls this for every running request at every step: read the two arguments without Signature.bind.
+    new_computed_blocks = _argument(signature, "new_computed_blocks")
+    reserved_blocks = _argument(signature, "reserved_blocks")
 
     @functools.wraps(allocate_slots)
     def patched_allocate_slots(self, *args, **kwargs):
         ek = _ek(self.block_pool)
         if ek is None:
             return allocate_slots(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs).arguments
-        hits = bound.get("new_computed_blocks")
+        start = time.perf_counter()
+        hits = new_computed_blocks(args, kwargs)
         # vLLM counts every free prefix hit as a block to allocate only under full attention (a sliding window
         # skips some); elsewhere kvcached still spares the hits but does not subtract them.
         full = self.__dict__.get("_kvcached_full_attention")
@@ -284,16 +299,38 @@ def _patch_kv_cache_manager(module: ModuleType) -> None:
             full = all(type(m).__name__ == "FullAttentionManager" for m in self.coordinator.single_type_managers)
             self._kvcached_full_attention = full
         ek.begin_allocation(frozenset(b.block_id for group in (hits.blocks if hits is not None else ()) for b in group),
-                            count_hits=full, reserved_blocks=int(bound.get("reserved_blocks") or 0))
+                            count_hits=full, reserved_blocks=int(reserved_blocks(args, kwargs) or 0))
+        ek.clock.hook(start)
         admitted = False
         try:
             result = allocate_slots(self, *args, **kwargs)
             admitted = result is not None
             return result
         finally:
+            start = time.perf_counter()
             ek.end_allocation(admitted)
+            ek.clock.hook(start)
 
     cls.allocate_slots = patched_allocate_slots
+
+
+def _argument(signature: inspect.Signature, name: str):
+    """A reader of parameter `name` from a bound method's (args, kwargs), `self` not in args: by keyword, else by
+    position, else its default (None when the release has no such parameter)."""
+    params = list(signature.parameters.values())[1:]
+    index = next((i for i, p in enumerate(params) if p.name == name), None)
+    if index is None:
+        return lambda args, kwargs: kwargs.get(name)
+    default = None if params[index].default is inspect.Parameter.empty else params[index].default
+    if params[index].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return lambda args, kwargs: kwargs.get(name, default)
+
+    def read(args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        return args[index] if index < len(args) else default
+
+    return read
 
 
 def _patch_coordinator(module: ModuleType) -> None:
@@ -319,8 +356,19 @@ def _locked(method):
         ek = _ek(self.kv_cache_manager.block_pool) if hasattr(self, "kv_cache_manager") else None
         if ek is None:
             return method(self, *args, **kwargs)
+        start = time.perf_counter()
         with ek.lock:
-            return method(self, *args, **kwargs)
+            clock = ek.clock
+            if clock.depth:  # called from another wrapped entry point: already on the clock
+                return method(self, *args, **kwargs)
+            clock.lock_wait_s += time.perf_counter() - start
+            clock.depth += 1
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                clock.depth -= 1
+                clock.scheduler_s += time.perf_counter() - start
+                clock.scheduler_calls += 1
 
     return wrapper
 
