@@ -12,7 +12,6 @@ from typing import Any, Sequence
 
 from kvlab.experiments.common import resolve_device, wait_alive
 from kvlab.probes import (
-    GPU_PROCESS_BYTES,
     KV_FLOOR_BYTES,
     KV_RESERVED_BYTES,
     KV_RETAINED_BYTES,
@@ -21,6 +20,7 @@ from kvlab.probes import (
     KvcachedSource,
     NvmlSource,
     VllmMetricsSource,
+    server_memory_metric,
 )
 from kvlab.runs import MB, Run, idle_values
 
@@ -190,7 +190,7 @@ def elastic_vs_static(model: str, *, device: str = "auto", kv_cache_gib: float =
                 server.stop()
         # On a GPU the memory that matters is the device's: each server's NVML per-process use. Host memory stays
         # in memory.csv (mem_bytes) for both.
-        metric = GPU_PROCESS_BYTES if device == "cuda" else MEM_BYTES
+        metric, _ = server_memory_metric(device)
         run.finish(_summaries(run, series, extra, settle_margin_mb * MB, metric), bursts_s=bursts_s,
                    interleave=interleave, memory_metric=metric)
     if figures:

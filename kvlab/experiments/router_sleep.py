@@ -14,7 +14,7 @@ from typing import Any
 
 from kvlab.experiments.common import alternating_offsets, wait_alive
 from kvlab.experiments.router_fleet import RouterFleet, quote_model
-from kvlab.probes import KV_RESERVED_BYTES, MEM_BYTES
+from kvlab.probes import GPU_PROCESS_BYTES, KV_RESERVED_BYTES, MEM_BYTES
 from kvlab.runs import MB, Run
 
 
@@ -181,7 +181,9 @@ def _probe_drop(run: Run, model: str) -> dict[str, float]:
     sleep = next(p for p in reversed(run.phases) if p.name == "sleep" and p.series == model)
     asleep = next(p for p in reversed(run.phases) if p.name == "asleep" and p.series == model)
     out: dict[str, float] = {}
-    for metric, key in ((KV_RESERVED_BYTES, "probe_kv_reserved"), (MEM_BYTES, "probe_mem")):
+    # Host memory always; a server's GPU memory too where NVML sampled it (on a GPU the KV pool lives there).
+    for metric, key in ((KV_RESERVED_BYTES, "probe_kv_reserved"), (MEM_BYTES, "probe_mem"),
+                        (GPU_PROCESS_BYTES, "probe_gpu")):
         df = memory[(memory.series == model) & (memory.metric == metric)].sort_values("t_s")
         pre = df[df.t_s <= sleep.start_s].tail(1)
         held = df[df.t_s.between(sleep.start_s, sleep.end_s or float("inf"))]
@@ -217,7 +219,7 @@ def sleep_wake_table(*rounds: tuple[dict[str, Any], dict[str, Any]]) -> Any:
 
     cols = ["level", "freed_pss_mb", "freed_kv_mb", "kv_reserved_before_mb", "kv_reserved_after_mb",
             "probe_kv_reserved_before_mb", "probe_kv_reserved_asleep_mb", "probe_mem_before_mb", "probe_mem_asleep_mb",
-            "wake_s", "request_ttft_s", "request_latency_s", "request_ok"]
+            "probe_gpu_before_mb", "probe_gpu_asleep_mb", "wake_s", "request_ttft_s", "request_latency_s", "request_ok"]
     rows = {s["model"] + "/" + s["level"]: {**s, **w} for s, w in rounds}
     df = pd.DataFrame.from_dict(rows, orient="index")
     return df[[c for c in cols if c in df]].round(3)

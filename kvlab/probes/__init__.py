@@ -22,6 +22,7 @@ from kvlab.probes.protocol import (
     Probe,
     Reading,
     Source,
+    server_memory_metric,
 )
 from kvlab.probes.sampler import CSV_COLUMNS, MemorySampler, Sample, read_memory_csv
 from kvlab.probes.vllm_metrics import VllmMetricsSource
@@ -30,5 +31,5 @@ __all__ = [
     "CSV_COLUMNS", "GPU_PROCESS_BYTES", "GPU_USED_BYTES", "KV_FLOOR_BYTES", "KV_RESERVED_BYTES", "KV_RETAINED_BYTES",
     "MEM_BYTES", "PSS_MEM_BYTES", "HostTreeSource",
     "KvcachedSource", "MemorySampler", "PrefixStoreSource", "NvmlSource", "Probe", "Reading", "Sample", "Source",
-    "VllmMetricsSource", "process_tree", "read_memory_csv",
+    "VllmMetricsSource", "process_tree", "read_memory_csv", "server_memory_metric",
 ]

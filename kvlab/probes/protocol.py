@@ -20,6 +20,12 @@ GPU_PROCESS_BYTES = "gpu_process_bytes"  # one server's GPU memory: NVML's per-p
 Reading = tuple[str, str, float]  # (series, metric, value)
 
 
+def server_memory_metric(device: str) -> tuple[str, str]:
+    """The memory figure that matters for one server, and its name for a title: on a GPU its device memory (NVML, per
+    process tree: what the KV pool occupies there), elsewhere the host memory its process tree holds."""
+    return (GPU_PROCESS_BYTES, "GPU memory") if device == "cuda" else (MEM_BYTES, "Process memory")
+
+
 class Probe(Protocol):
     """One thing read at one rate. `interval_s` None means the sampler's own interval."""
 

@@ -140,3 +140,18 @@ def test_gpu_workflow_can_submit_a_sweep_to_a_ray_cluster() -> None:
     assert "kvlab run" in submit["run"] and "--on" in submit["run"] and '--sweep "$item"' in submit["run"]
     upload = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact")]
     assert upload and upload[0]["with"]["path"] == "results/" and upload[0].get("if") == "always()"
+
+
+@pytest.mark.parametrize("name", ["02_multi_model_colocation", "03_router_and_sleep"])
+def test_per_engine_memory_figures_show_gpu_memory_on_a_gpu(name: str) -> None:
+    """On the H200 these figures showed each engine's host memory (flat, ~2 GB) while its KV pool lived on the GPU:
+    they take the metric for the device the notebook picked."""
+    source = "\n".join("".join(c.source) for c in nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4).cells)
+    assert "server_memory_metric(dev)" in source and "metric=MEM_BYTES" not in source
+
+
+def test_server_memory_metric_is_gpu_memory_on_cuda_only() -> None:
+    from kvlab.probes import GPU_PROCESS_BYTES, MEM_BYTES, server_memory_metric
+
+    assert server_memory_metric("cuda") == (GPU_PROCESS_BYTES, "GPU memory")
+    assert server_memory_metric("cpu") == (MEM_BYTES, "Process memory")
