@@ -362,10 +362,13 @@ class PageAllocator:
     # Mapping ----------------------------------------------------------------------------------------------
     def _map(self, pages: list[int], *, on_demand: bool = False) -> bool:
         """Reserve budget, then map. On a refusal (budget or out of memory) roll back and report False; any other
-        error rolls back too and is raised. `on_demand`: a caller waits for this map (counted apart)."""
+        error rolls back too and is raised. `on_demand`: a caller waits for this map (counted apart), and idle pages
+        are unmapped to make room for it; a map ahead never makes room."""
         region_pages = self._region_pages(pages)
         claim = self._reserve(len(region_pages))
         if claim is None:
+            if not on_demand:
+                return False
             self._make_room(len(region_pages) * self.region.page_size)
             claim = self._reserve(len(region_pages))
             if claim is None:
@@ -455,16 +458,7 @@ class PageAllocator:
         """Map PREFETCHING `pages` and make them idle, or unmapped again; False when the budget or memory said no."""
         ok = False
         try:
-            region_pages = self._region_pages(pages)
-            claim = self._reserve(len(region_pages))
-            if claim is not None:
-                try:
-                    self._timed(self.region.map, region_pages, 0)
-                    ok = True
-                except MemoryError:
-                    pass
-                finally:
-                    self._unclaim(claim)
+            ok = self._map(pages)
         finally:
             with self._cond:
                 now = time.monotonic()
